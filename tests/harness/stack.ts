@@ -1,0 +1,361 @@
+/**
+ * The local stack: the servers a test, `deno task dev`, the demo or a benchmark asks for, on free
+ * loopback ports in one temp dir, all stopped on exit, on Ctrl-C and when a test fails (then the
+ * logs are kept under `.test-logs/` and their path is printed).
+ */
+import type { Env } from "../../shared/config/mod.ts";
+import { mkdirOwned, type ServerUser, serverUser } from "./os_user.ts";
+import {
+  FAILED_LOGS_DIR,
+  PGBOUNCER_DEPLOY_DIR,
+  type PgVersion,
+  RUN_ID,
+  TEMP_PREFIX,
+  tempRoot,
+} from "./paths.ts";
+import { PgBouncer } from "./pgbouncer.ts";
+import { PgCluster } from "./postgres.ts";
+import { trackDir, untrackDir } from "./process.ts";
+import { S3Server } from "./s3.ts";
+import { dbPush } from "./supabase_cli.ts";
+import { type FunctionsServer, serveFunctions } from "./functions.ts";
+import { serverToolsDir } from "./tools.ts";
+import type { LogSink } from "../../shared/http/logger.ts";
+
+export interface StackOptions {
+  /** Short label used in the temp dir name and in kept logs. */
+  name?: string;
+  /** PostgreSQL 15 with pg_cron and pg_stat_statements, wal_level=logical. */
+  primary?: boolean;
+  /** A second PostgreSQL 15 cluster (the warm standby). */
+  standby?: boolean;
+  /** Embedded PostgreSQL clusters for the version matrix. */
+  versions?: Exclude<PgVersion, 15>[];
+  /** PgBouncer (transaction mode) in front of the primary. */
+  pgbouncer?: boolean;
+  /** The S3-protocol server, with these buckets. */
+  s3?: boolean | { buckets: string[] };
+  /** Apply supabase/migrations with `supabase db push` to primary and standby (and versions). */
+  migrate?: boolean;
+  /** Serve the four functions; port 0 picks a free one. */
+  functions?: boolean | { port?: number; env?: Env; logSink?: LogSink };
+  /** Settings added to every PostgreSQL cluster's postgresql.conf. */
+  pgSettings?: Record<string, string | number | boolean>;
+}
+
+export interface StackTokens {
+  api: string;
+  failover: string;
+  health: string;
+  serviceRole: string;
+  anon: string;
+}
+
+function token(bytes = 24): string {
+  return Array.from(
+    crypto.getRandomValues(new Uint8Array(bytes)),
+    (b) => b.toString(16).padStart(2, "0"),
+  ).join("");
+}
+
+function base64url(text: string): string {
+  return btoa(text).replaceAll("+", "-").replaceAll("/", "_").replace(/=+$/, "");
+}
+
+/** A JWT shaped like Supabase's anon/service keys (signature is random: nothing verifies it here). */
+export function fakeSupabaseKey(role: "anon" | "service_role"): string {
+  const header = base64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
+  const payload = base64url(JSON.stringify({ iss: "supabase-demo", role, exp: 1983812996 }));
+  return `${header}.${payload}.${base64url(token(32))}`;
+}
+
+interface StackOwner {
+  pid: number;
+  runId: string;
+  name: string;
+}
+
+export class Stack {
+  readonly name: string;
+  readonly dir: string;
+  readonly user: ServerUser;
+  readonly tokens: StackTokens;
+  primary?: PgCluster;
+  standby?: PgCluster;
+  readonly clusters = new Map<PgVersion, PgCluster>();
+  pgbouncer?: PgBouncer;
+  s3?: S3Server;
+  functions?: FunctionsServer;
+  /** Milliseconds each phase of start-up took. */
+  readonly timings: Record<string, number> = {};
+  #stopped = false;
+  #failed = false;
+  #signalHandler?: () => void;
+
+  constructor(name: string, dir: string, user: ServerUser, tokens?: Partial<StackTokens>) {
+    this.name = name;
+    this.dir = dir;
+    this.user = user;
+    this.tokens = {
+      api: tokens?.api ?? token(),
+      failover: tokens?.failover ?? token(),
+      health: tokens?.health ?? token(),
+      serviceRole: tokens?.serviceRole ?? fakeSupabaseKey("service_role"),
+      anon: tokens?.anon ?? fakeSupabaseKey("anon"),
+    };
+  }
+
+  /** Every PostgreSQL cluster of the stack. */
+  get allClusters(): PgCluster[] {
+    return [this.primary, this.standby, ...this.clusters.values()].filter((c): c is PgCluster =>
+      !!c
+    );
+  }
+
+  /** The environment the functions get (names are the DESIGN.md contract). */
+  env(): Env {
+    const env: Env = {
+      TOOLKIT_API_TOKEN: this.tokens.api,
+      FAILOVER_TOKEN: this.tokens.failover,
+      HEALTH_TOKEN: this.tokens.health,
+      SUPABASE_SERVICE_ROLE_KEY: this.tokens.serviceRole,
+      SUPABASE_ANON_KEY: this.tokens.anon,
+      PGBOUNCER_ROUTER: "file",
+      S3_FORCE_PATH_STYLE: "true",
+      S3_PREFIX: "",
+      SUPABASE_BUCKETS: "all",
+    };
+    if (this.primary) {
+      env.SUPABASE_DB_URL = this.primary.url("postgres");
+      env.PRIMARY_DB_URL = this.primary.url("postgres");
+    }
+    if (this.standby) env.STANDBY_DB_URL = this.standby.url("postgres");
+    if (this.pgbouncer) {
+      env.PGBOUNCER_ADMIN_URL = this.pgbouncer.adminUrl();
+      env.PGBOUNCER_DATABASE = this.pgbouncer.database;
+      env.PGBOUNCER_DATABASES_FILE = this.pgbouncer.databasesFile;
+    }
+    if (this.s3) {
+      env.AWS_S3_BUCKET = this.s3.buckets[0];
+      env.AWS_REGION = this.s3.region;
+      env.AWS_ACCESS_KEY_ID = this.s3.accessKeyId;
+      env.AWS_SECRET_ACCESS_KEY = this.s3.secretAccessKey;
+      env.S3_ENDPOINT = this.s3.endpoint;
+    }
+    return env;
+  }
+
+  /** Marks the stack's run as failed so `withStack` keeps its logs (test steps report, not throw). */
+  markFailed(): void {
+    this.#failed = true;
+  }
+
+  get failed(): boolean {
+    return this.#failed;
+  }
+
+  /** Runs a Deno test step; a failed step marks the stack failed. */
+  async step(t: Deno.TestContext, name: string, fn: () => Promise<void> | void): Promise<boolean> {
+    const ok = await t.step(name, fn);
+    if (!ok) this.markFailed();
+    return ok;
+  }
+
+  /** Stops everything; with `failed` the logs are copied to `.test-logs/` first. */
+  async stop(options: { failed?: boolean } = {}): Promise<void> {
+    if (this.#stopped) return;
+    this.#stopped = true;
+    if (this.#signalHandler) {
+      Deno.removeSignalListener("SIGINT", this.#signalHandler);
+      Deno.removeSignalListener("SIGTERM", this.#signalHandler);
+    }
+    await this.functions?.stop().catch(() => {});
+    await this.pgbouncer?.stop().catch(() => {});
+    await Promise.all([
+      ...this.allClusters.map((c) => c.stop("fast").catch(() => c.stop("immediate"))),
+      this.s3?.stop().catch(() => {}),
+    ]);
+    if (options.failed) await this.keepLogs();
+    await Deno.remove(this.dir, { recursive: true }).catch(() => {});
+    untrackDir(this.dir);
+  }
+
+  /** Copies every *.log of the stack to `.test-logs/<time>-<name>/` and prints the path. */
+  async keepLogs(): Promise<string | undefined> {
+    const target = `${FAILED_LOGS_DIR}/${
+      new Date().toISOString().replace(/[:.]/g, "-")
+    }-${this.name}`;
+    let copied = 0;
+    for await (const entry of walkLogs(this.dir)) {
+      const rel = entry.slice(this.dir.length + 1).replaceAll("/", "__");
+      await Deno.mkdir(target, { recursive: true });
+      await Deno.copyFile(entry, `${target}/${rel}`).then(() => copied++).catch(() => {});
+    }
+    if (copied === 0) return undefined;
+    console.error(`[harness] stack "${this.name}" failed; its server logs are kept in ${target}`);
+    return target;
+  }
+
+  /** Stop the stack on Ctrl-C / SIGTERM (used by dev, demo and benchmarks). */
+  stopOnSignals(onStopped: () => void = () => Deno.exit(130)): void {
+    this.#signalHandler = () => {
+      console.error("\n[harness] stopping the local stack ...");
+      this.stop().finally(onStopped);
+    };
+    Deno.addSignalListener("SIGINT", this.#signalHandler);
+    Deno.addSignalListener("SIGTERM", this.#signalHandler);
+  }
+}
+
+async function* walkLogs(dir: string): AsyncGenerator<string> {
+  let entries: Deno.DirEntry[];
+  try {
+    entries = await Array.fromAsync(Deno.readDir(dir));
+  } catch {
+    return;
+  }
+  for (const e of entries) {
+    const path = `${dir}/${e.name}`;
+    if (e.isDirectory && e.name !== "data") yield* walkLogs(path);
+    else if (e.isFile && e.name.endsWith(".log")) yield path;
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    Deno.kill(pid, "SIGCONT");
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+let swept = false;
+
+/** Removes stack dirs left by harness processes that died without cleaning up. */
+async function sweepStaleStacks(): Promise<void> {
+  if (swept) return;
+  swept = true;
+  for await (const entry of Deno.readDir(tempRoot())) {
+    if (!entry.isDirectory || !entry.name.startsWith(TEMP_PREFIX)) continue;
+    const dir = `${tempRoot()}/${entry.name}`;
+    try {
+      const owner: StackOwner = JSON.parse(await Deno.readTextFile(`${dir}/owner.json`));
+      if (processAlive(owner.pid)) continue;
+    } catch {
+      // No owner file: a half-created dir; old enough to be stale?
+      const info = await Deno.stat(dir).catch(() => undefined);
+      if (!info?.mtime || Date.now() - info.mtime.getTime() < 10 * 60_000) continue;
+    }
+    await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+/** Starts what `options` asks for. On any start-up failure everything already started is stopped. */
+export async function startStack(
+  options: StackOptions = {},
+  tokens?: Partial<StackTokens>,
+): Promise<Stack> {
+  const t0 = performance.now();
+  const mark = (phase: string) => (stack.timings[phase] = Math.round(performance.now() - t0));
+  await sweepStaleStacks();
+  const user = await serverUser();
+  const name = (options.name ?? "stack").replace(/[^a-z0-9-]/gi, "-").slice(0, 40);
+  const dir = await Deno.makeTempDir({
+    dir: tempRoot(),
+    prefix: `${TEMP_PREFIX}${RUN_ID}-${name}-`,
+  });
+  trackDir(dir);
+  await mkdirOwned(user, dir, 0o711);
+  await Deno.writeTextFile(
+    `${dir}/owner.json`,
+    JSON.stringify({ pid: Deno.pid, runId: RUN_ID, name }),
+  );
+  const stack = new Stack(name, dir, user, tokens);
+  try {
+    if (options.versions?.length) await serverToolsDir(user);
+    const settings = options.pgSettings;
+    const creating: Promise<void>[] = [];
+    if (options.primary || options.pgbouncer) {
+      creating.push(
+        PgCluster.create({ name: "primary", version: 15, baseDir: dir, user, cron: true, settings })
+          .then((c) => {
+            stack.primary = c;
+          }),
+      );
+    }
+    if (options.standby) {
+      creating.push(
+        PgCluster.create({ name: "standby", version: 15, baseDir: dir, user, cron: true, settings })
+          .then((c) => {
+            stack.standby = c;
+          }),
+      );
+    }
+    for (const v of options.versions ?? []) {
+      creating.push(
+        PgCluster.create({ name: `pg${v}`, version: v, baseDir: dir, user, settings }).then((c) => {
+          stack.clusters.set(v, c);
+        }),
+      );
+    }
+    if (options.s3) {
+      const buckets = typeof options.s3 === "object" ? options.s3.buckets : undefined;
+      stack.s3 = new S3Server({ baseDir: dir, user, buckets });
+      creating.push(stack.s3.start());
+    }
+    await Promise.all(creating);
+    mark("initdb");
+    await Promise.all(stack.allClusters.map(async (c) => {
+      await c.start();
+      await c.bootstrapPlatform();
+    }));
+    mark("postgres");
+    if (options.pgbouncer && stack.primary) {
+      stack.pgbouncer = new PgBouncer({
+        baseDir: dir,
+        user,
+        upstream: { host: stack.primary.host, port: stack.primary.port },
+        appUser: "postgres",
+        appPassword: stack.primary.passwords.postgres,
+        deployDir: PGBOUNCER_DEPLOY_DIR,
+      });
+      await stack.pgbouncer.start();
+      mark("pgbouncer");
+    }
+    if (options.migrate) {
+      // The CLI is a Go binary with its own start-up cost; push to the clusters in parallel.
+      await Promise.all(stack.allClusters.map((c) => dbPush(c.url("postgres"))));
+      mark("migrations");
+    }
+    if (options.functions) {
+      const f = typeof options.functions === "object" ? options.functions : {};
+      stack.functions = await serveFunctions({ ...stack.env(), ...f.env }, {
+        port: f.port,
+        logSink: f.logSink,
+      });
+      mark("functions");
+    }
+    mark("total");
+    return stack;
+  } catch (e) {
+    await stack.stop({ failed: true });
+    throw e;
+  }
+}
+
+/** Runs `fn` with a fresh stack; stops it afterwards and keeps the logs when `fn` throws. */
+export async function withStack<T>(
+  options: StackOptions,
+  fn: (stack: Stack) => Promise<T>,
+): Promise<T> {
+  const stack = await startStack(options);
+  let failed = true;
+  try {
+    const result = await fn(stack);
+    failed = false;
+    return result;
+  } finally {
+    await stack.stop({ failed: failed || stack.failed });
+  }
+}
