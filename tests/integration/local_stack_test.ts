@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { GetObjectCommand, PutObjectCommand } from "@aws-sdk/client-s3";
 import { loadStorageConfig } from "../../shared/config/mod.ts";
 import { createS3Client } from "../../shared/storage/s3.ts";
-import { waitFor, withStack } from "../harness/mod.ts";
+import { FAILED_LOGS_DIR, waitFor, withStack } from "../harness/mod.ts";
 
 Deno.test("the full local stack starts and every part works", async (t) => {
   await withStack(
@@ -152,4 +152,25 @@ Deno.test("the full local stack starts and every part works", async (t) => {
       }
     },
   );
+});
+
+Deno.test("a failing test stops its stack and keeps the server logs, printing where", async () => {
+  let dir = "";
+  await assert.rejects(
+    withStack({ name: "doomed", primary: true }, (stack) => {
+      dir = stack.dir;
+      throw new Error("injected failure");
+    }),
+    /injected failure/,
+  );
+  await assert.rejects(Deno.stat(dir), Deno.errors.NotFound);
+  const kept: string[] = [];
+  for await (const e of Deno.readDir(FAILED_LOGS_DIR)) {
+    if (e.name.endsWith("-doomed")) kept.push(e.name);
+  }
+  assert.ok(kept.length > 0, "a .test-logs/<time>-doomed dir exists");
+  const latest = `${FAILED_LOGS_DIR}/${kept.sort().at(-1)}`;
+  const files = (await Array.fromAsync(Deno.readDir(latest))).map((e) => e.name);
+  assert.ok(files.includes("primary__postgres.log"), files.join(","));
+  for (const name of kept) await Deno.remove(`${FAILED_LOGS_DIR}/${name}`, { recursive: true });
 });
