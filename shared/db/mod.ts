@@ -40,3 +40,19 @@ export function createSql(url: string, options: SqlOptions = {}): Sql {
     connection: options.adminConsole ? {} : connection,
   });
 }
+
+/** A client created on first use and closed with the app. */
+export function lazySql(
+  url: () => string,
+  options: SqlOptions,
+): { get: () => Sql; close: () => Promise<void> } {
+  let client: Sql | undefined;
+  return {
+    get: () => (client ??= createSql(url(), options)),
+    close: async () => {
+      const c = client;
+      client = undefined;
+      await c?.end({ timeout: 2 });
+    },
+  };
+}

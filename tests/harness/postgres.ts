@@ -230,11 +230,16 @@ export class PgCluster {
   }
 
   /** A postgres.js client closed automatically when the cluster stops. */
-  sql(role: PgRole = "postgres", options: { max?: number; applicationName?: string } = {}): Sql {
+  sql(
+    role: PgRole = "postgres",
+    options: { max?: number; applicationName?: string; statementTimeoutMs?: number } = {},
+  ): Sql {
     const client = createSql(this.url(role), {
       max: options.max ?? 4,
       applicationName: options.applicationName ?? "sa-toolkit-test",
       connectTimeout: 10,
+      // A test blocked on a lock fails after a minute instead of hanging the suite.
+      statementTimeoutMs: options.statementTimeoutMs ?? 60_000,
     });
     this.#clients.add(client);
     return client;
@@ -250,7 +255,7 @@ export class PgCluster {
   async psql(
     sqlText: string,
     options: { role?: PgRole; env?: Record<string, string> } = {},
-  ): Promise<string> {
+  ): Promise<{ stdout: string; stderr: string }> {
     const role = options.role ?? "supabase_admin";
     const args = [
       "-X",
@@ -272,7 +277,7 @@ export class PgCluster {
       stdin: sqlText,
     });
     if (r.code !== 0) throw new Error(`psql on ${this.name} failed: ${r.stderr.trim()}`);
-    return r.stdout;
+    return { stdout: r.stdout, stderr: r.stderr };
   }
 
   /** Creates what the Supabase platform provides before any customer migration runs. */

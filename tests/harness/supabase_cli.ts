@@ -9,9 +9,16 @@ export interface PushResult {
 }
 
 /** Applies `supabase/migrations` to the database at `url` (a non-superuser role's URL). */
-export async function dbPush(url: string): Promise<PushResult> {
+export async function dbPush(url: string, extraArgs: string[] = []): Promise<PushResult> {
   const withSsl = url.includes("?") ? `${url}&sslmode=disable` : `${url}?sslmode=disable`;
-  const r = await runCommand(SUPABASE_CLI, ["db", "push", "--db-url", withSsl, "--yes"], {
+  const r = await runCommand(SUPABASE_CLI, [
+    "db",
+    "push",
+    "--db-url",
+    withSsl,
+    "--yes",
+    ...extraArgs,
+  ], {
     cwd: REPO_ROOT,
     env: { SUPABASE_TELEMETRY_DISABLED: "1", DO_NOT_TRACK: "1" },
   });
