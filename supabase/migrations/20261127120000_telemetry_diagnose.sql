@@ -17,7 +17,7 @@ returns boolean
 language sql
 immutable
 security invoker
-set search_path = ''
+-- no SET clause, so the planner inlines it; it uses only pg_catalog operators and functions
 as $$
   select (p_type = 'LWLock' and p_event in ('WALWrite', 'WALInsert', 'WALBufMapping', 'BufferContent', 'BufferMapping',
                                             'WALBufferMapping', 'BufferMappingLock', 'WALWriteLock', 'WALInsertLock'))
@@ -34,7 +34,7 @@ returns setof text
 language sql
 immutable
 security invoker
-set search_path = ''
+-- no SET clause, so the planner inlines it; it uses only pg_catalog operators and functions
 as $$
   select unnest(array['client backend', 'parallel worker', 'background worker', 'pg_cron', 'autovacuum worker']);
 $$;
@@ -53,6 +53,8 @@ language sql
 stable
 security invoker
 set search_path = ''
+-- short analytical queries: JIT compilation (100+ ms) never pays off here
+set jit = off
 as $$
   with n as (
     select count(*)::numeric as samples, extract(epoch from p_end - p_start)::numeric as secs
@@ -80,6 +82,8 @@ language sql
 stable
 security invoker
 set search_path = ''
+-- short analytical queries: JIT compilation (100+ ms) never pays off here
+set jit = off
 as $$
   select coalesce(jsonb_object_agg(x.wait_class, x.ss), '{}')
   from (
@@ -96,6 +100,8 @@ language sql
 stable
 security invoker
 set search_path = ''
+-- short analytical queries: JIT compilation (100+ ms) never pays off here
+set jit = off
 as $$
   with b as (
     select greatest(1, least(p_buckets, 500)) as n, extract(epoch from p_end - p_start) as secs
@@ -137,6 +143,8 @@ language sql
 stable
 security invoker
 set search_path = ''
+-- short analytical queries: JIT compilation (100+ ms) never pays off here
+set jit = off
 as $$
   with b as (
     select greatest(1, least(p_buckets, 500)) as n, extract(epoch from p_end - p_start) as secs
@@ -170,6 +178,8 @@ language plpgsql
 stable
 security invoker
 set search_path = ''
+-- short analytical queries: JIT compilation (100+ ms) never pays off here
+set jit = off
 as $$
 declare
   v_secs numeric := extract(epoch from p_end_time - p_start_time);
@@ -189,6 +199,7 @@ declare
   v_top jsonb;
   v_privileged boolean;
   v_has_cmp boolean;
+  v_profile jsonb;
   v_wal numeric;
   v_max_wal numeric := pg_catalog.pg_size_bytes(current_setting('max_wal_size'));
   v_ckpt_busy numeric;
@@ -210,7 +221,11 @@ begin
     v_notes := v_notes || 'Some samples were taken without pg_read_all_stats: other users'' sessions are missing.'::text;
   end if;
 
-  v_classes := telemetry._class_seconds(p_start_time, p_end_time);
+  -- The load profile, computed once and read below through jsonb_to_recordset.
+  select coalesce(jsonb_agg(to_jsonb(p)), '[]') into v_profile from telemetry._load_profile(p_start_time, p_end_time) p;
+  select coalesce(jsonb_object_agg(x.wait_class, x.ss), '{}') into v_classes
+  from (select p.wait_class, sum(p.session_seconds) as ss
+        from jsonb_to_recordset(v_profile) as p(wait_class text, session_seconds numeric) group by p.wait_class) x;
   select coalesce(sum(value::numeric), 0) into v_total from jsonb_each_text(v_classes);
   select * into v_cmp from telemetry.compare(p_start_time, p_end_time);
   -- (a record IS NULL only when every field is; `found` says whether compare() had a row)
@@ -301,7 +316,7 @@ begin
 
   -- 5. Waiting for a synchronous standby.
   select coalesce(sum(p.session_seconds), 0), max(p.peak) into v_ss, v_peak
-  from telemetry._load_profile(p_start_time, p_end_time) p
+  from jsonb_to_recordset(v_profile) as p(wait_class text, wait_event_type text, wait_event text, session_seconds numeric, aas numeric, peak int)
   where p.wait_event_type = 'IPC' and p.wait_event in ('SyncRep', 'SyncRepWait');
   if v_ss > 0 then
     v_findings := v_findings || jsonb_build_object(
@@ -318,12 +333,12 @@ begin
   select coalesce(sum(p.session_seconds), 0), max(p.peak),
          coalesce(jsonb_object_agg(p.wait_event_type || ':' || p.wait_event, p.session_seconds), '{}')
   into v_ss, v_peak, v_ev
-  from telemetry._load_profile(p_start_time, p_end_time) p
+  from jsonb_to_recordset(v_profile) as p(wait_class text, wait_event_type text, wait_event text, session_seconds numeric, aas numeric, peak int)
   where telemetry._is_write_pressure(p.wait_event_type, p.wait_event);
   if v_ss > 0 then
     v_findings := v_findings || jsonb_build_object(
       'cause', 'write_pressure', 'wait_class',
-      (select p.wait_class from telemetry._load_profile(p_start_time, p_end_time) p
+      (select p.wait_class from jsonb_to_recordset(v_profile) as p(wait_class text, wait_event_type text, wait_event text, session_seconds numeric, aas numeric, peak int)
        where telemetry._is_write_pressure(p.wait_event_type, p.wait_event) order by p.session_seconds desc limit 1),
       'impact_session_seconds', v_ss, 'basis', 'WAL and buffer waits in samples',
       'title', 'Concurrent writers contended for WAL and shared buffers',
@@ -373,7 +388,7 @@ begin
   -- 8. Sorts and hashes spilled to temporary files.
   if v_has_cmp and coalesce(v_cmp.temp_bytes_delta, 0) > 0 then
     select coalesce(sum(p.session_seconds), 0) into v_ss
-    from telemetry._load_profile(p_start_time, p_end_time) p
+    from jsonb_to_recordset(v_profile) as p(wait_class text, wait_event_type text, wait_event text, session_seconds numeric, aas numeric, peak int)
     where p.wait_event_type = 'IO' and p.wait_event like 'BufFile%';
     select coalesce(jsonb_agg(jsonb_build_object('query', left(s.query, 200), 'temp_blocks_written', s.temp_blks_written_delta)), '[]')
     into v_top
@@ -423,7 +438,7 @@ begin
 
   -- 10. More sessions wanting CPU than there are CPUs.
   select coalesce(sum(p.aas), 0), coalesce(max(p.peak), 0) into v_cpu_aas, v_peak
-  from telemetry._load_profile(p_start_time, p_end_time) p where p.wait_class = 'CPU';
+  from jsonb_to_recordset(v_profile) as p(wait_class text, wait_event_type text, wait_event text, session_seconds numeric, aas numeric, peak int) where p.wait_class = 'CPU';
   if v_cpu is null then
     if v_cpu_aas > 1 then
       v_notes := v_notes || 'CPU count unknown (set telemetry.config cpu_count or pass cpu_count): CPU saturation cannot be assessed.'::text;
@@ -439,7 +454,7 @@ begin
 
   -- 11. Reads from disk (cache misses).
   select coalesce(sum(p.session_seconds), 0) into v_ss
-  from telemetry._load_profile(p_start_time, p_end_time) p
+  from jsonb_to_recordset(v_profile) as p(wait_class text, wait_event_type text, wait_event text, session_seconds numeric, aas numeric, peak int)
   where p.wait_event_type = 'IO' and p.wait_event in ('DataFileRead', 'DataFilePrefetch');
   if v_ss > 0 then
     v_findings := v_findings || jsonb_build_object(
@@ -500,6 +515,8 @@ language plpgsql
 stable
 security invoker
 set search_path = ''
+-- short analytical queries: JIT compilation (100+ ms) never pays off here
+set jit = off
 as $$
 declare
   v_secs numeric := extract(epoch from p_end_time - p_start_time);

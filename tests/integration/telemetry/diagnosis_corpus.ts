@@ -213,7 +213,7 @@ export const SCENARIOS: Scenario[] = [
   {
     name: "temp-file spills from a small work_mem",
     cause: "temp_spill",
-    waitClass: "CPU",
+    waitClass: ["CPU", "IO"],
     baseline: ({ sql }) =>
       workers(sql, 1, async (c) => {
         await c`set work_mem = '256MB'`;
