@@ -1,9 +1,16 @@
 #!/bin/sh
 # PgBouncer for the SA Toolkit's HA endpoint.
 #
-#   entrypoint.sh [serve]                render the configuration, then exec PgBouncer (default)
-#   entrypoint.sh route HOST PORT DB     persist a new upstream for the routed database and RELOAD
-#   entrypoint.sh target                 print the persisted upstream line
+#   entrypoint.sh [serve]                  render the configuration, then exec PgBouncer (default)
+#   entrypoint.sh route HOST PORT DB [EPOCH] persist a new upstream (and its epoch), then RELOAD
+#   entrypoint.sh target                   print the persisted databases file
+#   entrypoint.sh show                     print "host port dbname paused disabled epoch" as PgBouncer sees it
+#   entrypoint.sh pause [SECONDS]          PAUSE the routed database, RESUME again if it takes longer
+#   entrypoint.sh resume | kill            RESUME / KILL the routed database
+#
+# The failover's fly router runs route/pause/resume/show/kill in every machine through the Fly
+# Machines API exec endpoint; the local stack's file router does the same through the file and
+# the admin console.
 #
 # The routed database is written to $PGBOUNCER_STATE_DIR/databases.ini, which pgbouncer.ini
 # %includes. On Fly.io that directory is a volume, so after a failover a restarted machine boots
@@ -56,9 +63,19 @@ write_target() {
   tmp="$DATABASES_FILE.tmp.$$"
   {
     printf ';; routed database, written by entrypoint.sh or the failover router\n'
+    if [ -n "${4:-}" ]; then
+      case "$4" in *[!0-9]*) die "epoch must be a number" ;; esac
+      printf ';; epoch=%s\n' "$4"
+    fi
     databases_line "$1" "$2" "$3"
   } >"$tmp"
   mv -f "$tmp" "$DATABASES_FILE"
+}
+
+admin_psql() {
+  : "${PGBOUNCER_ADMIN_PASSWORD:?PGBOUNCER_ADMIN_PASSWORD is required}"
+  PGPASSWORD="$PGBOUNCER_ADMIN_PASSWORD" psql -X -q -h "$SOCKET_DIR" -p "$LISTEN_PORT" \
+    -U "$PGBOUNCER_ADMIN_USER" -d pgbouncer "$@"
 }
 
 render() {
@@ -78,6 +95,13 @@ userlist_line() {
 }
 
 serve() {
+  # In the image the machine starts us as root: prepare the volume, then run as RUN_AS_USER
+  # (PgBouncer refuses to run as root). The local stack already runs us unprivileged.
+  if [ "$(id -u)" = 0 ] && [ -n "${RUN_AS_USER:-}" ]; then
+    mkdir -p "$PGBOUNCER_CONF_DIR" "$PGBOUNCER_STATE_DIR" "$SOCKET_DIR"
+    chown -R "$RUN_AS_USER" "$PGBOUNCER_CONF_DIR" "$PGBOUNCER_STATE_DIR" "$SOCKET_DIR"
+    exec setpriv --reuid="$RUN_AS_USER" --regid="$RUN_AS_USER" --init-groups -- "$0" serve
+  fi
   : "${DATABASE_USER:?DATABASE_USER is required}"
   : "${DATABASE_PASSWORD:?DATABASE_PASSWORD is required}"
   : "${PGBOUNCER_ADMIN_PASSWORD:?PGBOUNCER_ADMIN_PASSWORD is required}"
@@ -134,17 +158,48 @@ client_tls_key_file = $PGBOUNCER_CONF_DIR/client.key"
 }
 
 route() {
-  [ $# -eq 3 ] || die "usage: entrypoint.sh route HOST PORT DBNAME"
-  write_target "$1" "$2" "$3"
+  [ $# -eq 3 ] || [ $# -eq 4 ] || die "usage: entrypoint.sh route HOST PORT DBNAME [EPOCH]"
+  write_target "$@"
+  admin_psql -c "RELOAD" >/dev/null
+  log "routed $PGBOUNCER_DATABASE to $1:$2 (epoch ${4:-none}) and reloaded"
+}
+
+# SHOW DATABASES, read by column name (the column set differs between PgBouncer versions).
+show() {
+  epoch=$(sed -n 's/^;; epoch=\([0-9]*\)$/\1/p' "$DATABASES_FILE" 2>/dev/null | head -n 1)
+  admin_psql -A -F '|' -c "SHOW DATABASES" | awk -F '|' -v db="$PGBOUNCER_DATABASE" -v epoch="${epoch:--}" '
+    NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
+    $col["name"] == db { print $col["host"], $col["port"], $col["database"], $col["paused"], $col["disabled"], epoch }'
+}
+
+pause_db() {
+  seconds="${1:-10}"
+  case "$seconds" in *[!0-9]*) die "seconds must be a number" ;; esac
   : "${PGBOUNCER_ADMIN_PASSWORD:?PGBOUNCER_ADMIN_PASSWORD is required}"
-  PGPASSWORD="$PGBOUNCER_ADMIN_PASSWORD" psql -X -q -h "$SOCKET_DIR" -p "$LISTEN_PORT" \
-    -U "$PGBOUNCER_ADMIN_USER" -d pgbouncer -c "RELOAD" >/dev/null
-  log "routed $PGBOUNCER_DATABASE to $1:$2 and reloaded"
+  # PAUSE waits for the pool to drain and has no timeout of its own: bound it, and RESUME if it
+  # did not finish (a PAUSE outlives a disconnected admin client).
+  if ! out=$(timeout "$seconds" env PGPASSWORD="$PGBOUNCER_ADMIN_PASSWORD" psql -X -q -h "$SOCKET_DIR" -p "$LISTEN_PORT" \
+      -U "$PGBOUNCER_ADMIN_USER" -d pgbouncer -c "PAUSE $PGBOUNCER_DATABASE" 2>&1); then
+    case "$out" in *"already suspended/paused"*) return 0 ;; esac
+    admin_psql -c "RESUME $PGBOUNCER_DATABASE" >/dev/null 2>&1 || true
+    die "PAUSE $PGBOUNCER_DATABASE did not finish within ${seconds}s; resumed"
+  fi
+}
+
+resume_db() {
+  if ! out=$(admin_psql -c "RESUME $PGBOUNCER_DATABASE" 2>&1); then
+    case "$out" in *"not paused"*) return 0 ;; esac
+    die "$out"
+  fi
 }
 
 case "${1:-serve}" in
   serve) serve ;;
   route) shift; route "$@" ;;
-  target) grep "^$PGBOUNCER_DATABASE = " "$DATABASES_FILE" ;;
+  target) cat "$DATABASES_FILE" ;;
+  show) show ;;
+  pause) shift; pause_db "$@" ;;
+  resume) resume_db ;;
+  kill) admin_psql -c "KILL $PGBOUNCER_DATABASE" >/dev/null ;;
   *) die "unknown command: $1" ;;
 esac

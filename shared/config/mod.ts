@@ -126,6 +126,9 @@ export interface HaConfig extends BaseConfig {
   databasesFile?: string;
   fly: { appName?: string; apiToken?: string; apiUrl: string };
   supabaseUrl?: string;
+  /** The Supabase project URL of each site, answered by GET /failover/active. */
+  primarySupabaseUrl?: string;
+  standbySupabaseUrl?: string;
 }
 
 export interface HealthConfig extends HaConfig {
@@ -134,6 +137,8 @@ export interface HealthConfig extends HaConfig {
 
 export interface FailoverConfig extends HaConfig {
   failoverToken?: string;
+  /** Also opens the read-only GET /failover/active. */
+  healthToken?: string;
 }
 
 export function loadTelemetryConfig(env: Env): TelemetryConfig {
@@ -181,6 +186,8 @@ function loadHa(env: Env, problems: ConfigProblem[]): HaConfig {
       apiUrl: read(env, "FLY_API_URL", httpUrl, problems, false) ?? "https://api.machines.dev",
     },
     supabaseUrl: read(env, "SUPABASE_URL", httpUrl, problems, false),
+    primarySupabaseUrl: read(env, "PRIMARY_SUPABASE_URL", httpUrl, problems, false),
+    standbySupabaseUrl: read(env, "STANDBY_SUPABASE_URL", httpUrl, problems, false),
     problems,
   };
   return config;
@@ -200,6 +207,7 @@ export function loadFailoverConfig(env: Env): FailoverConfig {
   return {
     ...loadHa(env, problems),
     failoverToken: read(env, "FAILOVER_TOKEN", nonEmpty, [], false),
+    healthToken: read(env, "HEALTH_TOKEN", nonEmpty, [], false),
     problems,
   };
 }

@@ -7,6 +7,7 @@ import postgres from "postgres";
 
 export type Sql = postgres.Sql;
 export type TransactionSql = postgres.TransactionSql;
+export type ReservedSql = postgres.ReservedSql;
 
 export interface SqlOptions {
   /** Shown in pg_stat_activity; also how the failover's freeze step recognises our sessions. */
@@ -22,7 +23,34 @@ export interface SqlOptions {
   adminConsole?: boolean;
 }
 
+/**
+ * postgres.js 3.4 defers small socket writes with setImmediate and cancels the deferral with
+ * clearImmediate when it flushes early; under Deno that cancellation does not always take, so the
+ * deferred flush still runs — after the buffer was already written ("May not write null values to
+ * stream") or after the socket of a dropped connection was released ("Cannot read properties of
+ * null (reading 'write')"). Either is thrown from a timer, an uncaught error that would end the
+ * whole worker, while nothing is left to do: the data went out or the connection is gone (the next
+ * query reconnects). Exactly those two errors from postgres.js's nextWrite are swallowed; every
+ * other uncaught error still ends the process.
+ */
+let guardInstalled = false;
+function installWriteRaceGuard(): void {
+  if (guardInstalled || typeof globalThis.addEventListener !== "function") return;
+  guardInstalled = true;
+  globalThis.addEventListener("error", (event) => {
+    const e = (event as ErrorEvent).error;
+    if (
+      e instanceof TypeError &&
+      /reading 'write'|May not write null values to stream/.test(e.message) &&
+      /nextWrite[^\n]*postgres\/src\/connection\.js/.test(e.stack ?? "")
+    ) {
+      event.preventDefault();
+    }
+  });
+}
+
 export function createSql(url: string, options: SqlOptions = {}): Sql {
+  installWriteRaceGuard();
   const connection: Record<string, string | number | boolean> = {
     application_name: options.applicationName ?? "sa-toolkit",
   };

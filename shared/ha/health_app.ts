@@ -1,12 +1,78 @@
 /** The `health` function: probes an external monitor can trust (Patroni-style bodies). */
+import { z } from "zod";
 import type { HealthConfig } from "../config/mod.ts";
 import { FunctionApp } from "../http/app.ts";
 import { addInfoRoute } from "../http/info.ts";
 import type { LogSink } from "../http/logger.ts";
+import * as probes from "./health.ts";
+import { HaRuntime, type HaRuntimeOptions } from "./runtime.ts";
 
-export interface HealthDeps {
+export interface HealthDeps extends HaRuntimeOptions {
   logSink?: LogSink;
 }
+
+const UNITS: Record<string, number> = {
+  "": 1,
+  b: 1,
+  kb: 1024,
+  kib: 1024,
+  mb: 1024 ** 2,
+  mib: 1024 ** 2,
+  gb: 1024 ** 3,
+  gib: 1024 ** 3,
+  tb: 1024 ** 4,
+  tib: 1024 ** 4,
+};
+
+/** A byte size: `16777216`, `16MB`, `512kB`, `1GiB` (1024-based, as PostgreSQL reads units). */
+export const ByteSize = z
+  .string()
+  .trim()
+  .regex(
+    /^\d+(\.\d+)?\s*([kKmMgGtT]i?[bB]|[bB])?$/,
+    "must be a non-negative size such as 16MB or 16777216",
+  )
+  .transform((v) => {
+    const m = /^(\d+(?:\.\d+)?)\s*([A-Za-z]*)$/.exec(v)!;
+    return Math.round(Number(m[1]) * UNITS[m[2].toLowerCase()]);
+  })
+  .refine((n) => Number.isSafeInteger(n), "is too large");
+
+const Seconds = z
+  .string()
+  .trim()
+  .regex(/^\d+(\.\d+)?$/, "must be a non-negative number of seconds")
+  .transform(Number)
+  .refine((n) => n <= 86_400 * 7, "must be at most 604800 seconds");
+
+const Site = z.enum(["primary", "standby"]).describe(
+  "A configured site; default: whichever holds the role now",
+);
+
+export const PrimaryQuery = z.object({ site: Site.optional(), token: z.string().optional() })
+  .strict();
+export const StandbyQuery = z.object({
+  site: Site.optional(),
+  lag: ByteSize.optional().describe("Largest healthy lag in bytes or with a unit (default 16MB)"),
+  max_staleness: Seconds.optional().describe(
+    "Seconds since the last message from the publisher, used when the primary is unreachable (default 60)",
+  ),
+  token: z.string().optional(),
+}).strict();
+const TokenOnly = z.object({ token: z.string().optional() }).strict();
+
+const ProbeBody = z.object({
+  probe: z.string(),
+  state: z.string().optional(),
+  role: z.string().optional(),
+  epoch: z.number().nullable().optional(),
+  reason: z.string().optional().describe("Why the probe is unhealthy (absent when healthy)"),
+}).passthrough();
+
+const probeResponses = {
+  200: { description: "Healthy", schema: ProbeBody },
+  503: { description: "Unhealthy; `reason` says why", schema: ProbeBody },
+};
 
 export function createHealthApp(config: HealthConfig, deps: HealthDeps = {}): FunctionApp {
   const app = new FunctionApp({
@@ -19,15 +85,127 @@ export function createHealthApp(config: HealthConfig, deps: HealthDeps = {}): Fu
     },
     logSink: deps.logSink,
   });
+  const rt = new HaRuntime(config, "sa-toolkit/health", deps);
+  app.onClose(() => rt.close());
+  const siteProblems = () =>
+    config.problems.filter((p) =>
+      p.variable === "PRIMARY_DB_URL" || p.variable === "STANDBY_DB_URL"
+    ).map((p) => p.variable);
+  const send = (r: probes.ProbeResult, c: import("../http/app.ts").AppContext) => {
+    c.header("cache-control", "no-store");
+    return c.json(r.body, r.healthy ? 200 : 503);
+  };
+  const unconfigured = (probe: string): probes.ProbeResult => ({
+    healthy: false,
+    body: {
+      probe,
+      state: "not_configured",
+      reason: `missing configuration: ${siteProblems().join(", ")}`,
+    },
+  });
+
   addInfoRoute(app, config.problems);
   app.route(
     {
       method: "get",
       path: "/liveness",
       summary: "The function process answers (no SQL)",
-      responses: { 200: { description: "Alive" } },
+      query: TokenOnly,
+      responses: { 200: { description: "Alive", schema: ProbeBody } },
     },
-    (_input, c) => c.json({ state: "running", role: "unknown", probe: "liveness" }),
+    (_input, c) =>
+      send({ healthy: true, body: { probe: "liveness", state: "running", role: "unknown" } }, c),
+  );
+  app.route(
+    {
+      method: "get",
+      path: "/readiness",
+      summary: "Configuration loaded and the control state (ha.state) readable on a site",
+      query: TokenOnly,
+      responses: probeResponses,
+    },
+    async (_input, c) => send(await probes.readiness(rt, siteProblems()), c),
+  );
+  app.route(
+    {
+      method: "get",
+      path: "/primary",
+      summary:
+        "A writable primary: reachable, not in recovery, not read-only, not fenced, newest epoch",
+      query: PrimaryQuery,
+      responses: probeResponses,
+    },
+    async ({ query }, c) =>
+      send(
+        siteProblems().length
+          ? unconfigured("primary")
+          : await probes.primary(rt, query.site, c.get("log")),
+        c,
+      ),
+  );
+  app.route(
+    {
+      method: "get",
+      path: "/standby",
+      summary: "A standby that applies: subscription enabled, worker running, lag under the bound",
+      query: StandbyQuery,
+      responses: probeResponses,
+    },
+    async ({ query }, c) =>
+      send(
+        siteProblems().length ? unconfigured("standby") : await probes.standby(rt, query.site, {
+          lagBytes: query.lag ?? 16 * 1024 ** 2,
+          maxStalenessSeconds: query.max_staleness ?? 60,
+        }, c.get("log")),
+        c,
+      ),
+  );
+  app.route(
+    {
+      method: "get",
+      path: "/replication",
+      summary: "Replication metrics for graphs (always 200 once configured)",
+      query: TokenOnly,
+      responses: {
+        200: { description: "Metrics", schema: ProbeBody },
+        503: { description: "Not configured", schema: ProbeBody },
+      },
+    },
+    async (_input, c) =>
+      send(
+        siteProblems().length
+          ? unconfigured("replication")
+          : await probes.replication(rt, c.get("log")),
+        c,
+      ),
+  );
+  app.route(
+    {
+      method: "get",
+      path: "/pgbouncer",
+      summary:
+        "PgBouncer answers, the database is not paused or disabled, and routes to the primary",
+      query: TokenOnly,
+      responses: probeResponses,
+    },
+    async (_input, c) => {
+      if (!rt.routerConfigured()) {
+        return send({
+          healthy: false,
+          body: {
+            probe: "pgbouncer",
+            state: "not_configured",
+            reason: "the PgBouncer router is not configured",
+          },
+        }, c);
+      }
+      return send(
+        siteProblems().length
+          ? unconfigured("pgbouncer")
+          : await probes.pgbouncer(rt, c.get("log")),
+        c,
+      );
+    },
   );
   return app;
 }

@@ -12,19 +12,29 @@ import {
 } from "../../shared/config/mod.ts";
 import type { FunctionApp } from "../../shared/http/app.ts";
 import type { LogSink } from "../../shared/http/logger.ts";
-import { createFailoverApp } from "../../shared/ha/failover_app.ts";
-import { createHealthApp } from "../../shared/ha/health_app.ts";
+import { createFailoverApp, type FailoverDeps } from "../../shared/ha/failover_app.ts";
+import { createHealthApp, type HealthDeps } from "../../shared/ha/health_app.ts";
 import { createStorageApp } from "../../shared/storage/app.ts";
 import { createTelemetryApp } from "../../shared/telemetry/app.ts";
 
 export const FUNCTION_NAMES = ["telemetry", "health", "failover", "storage-to-s3"] as const;
 export type FunctionName = typeof FUNCTION_NAMES[number];
 
-export function createApps(env: Env, logSink?: LogSink): Record<FunctionName, FunctionApp> {
+/** Extra dependencies for the HA functions (test hooks, the Fly stand-in's fetch). */
+export interface FunctionDeps {
+  health?: HealthDeps;
+  failover?: FailoverDeps;
+}
+
+export function createApps(
+  env: Env,
+  logSink?: LogSink,
+  deps: FunctionDeps = {},
+): Record<FunctionName, FunctionApp> {
   return {
     telemetry: createTelemetryApp(loadTelemetryConfig(env), { logSink }),
-    health: createHealthApp(loadHealthConfig(env), { logSink }),
-    failover: createFailoverApp(loadFailoverConfig(env), { logSink }),
+    health: createHealthApp(loadHealthConfig(env), { logSink, ...deps.health }),
+    failover: createFailoverApp(loadFailoverConfig(env), { logSink, ...deps.failover }),
     "storage-to-s3": createStorageApp(loadStorageConfig(env), { logSink }),
   };
 }
@@ -40,9 +50,9 @@ export interface FunctionsServer {
 
 export function serveFunctions(
   env: Env,
-  options: { port?: number; hostname?: string; logSink?: LogSink } = {},
+  options: { port?: number; hostname?: string; logSink?: LogSink; deps?: FunctionDeps } = {},
 ): Promise<FunctionsServer> {
-  const apps = createApps(env, options.logSink);
+  const apps = createApps(env, options.logSink, options.deps);
   const hostname = options.hostname ?? "127.0.0.1";
   return new Promise((resolve, reject) => {
     try {

@@ -1,4 +1,6 @@
+export * from "./fly.ts";
 export * from "./functions.ts";
+export * from "./ha.ts";
 export * from "./os_user.ts";
 export * from "./paths.ts";
 export * from "./pgbouncer.ts";
@@ -7,4 +9,5 @@ export * from "./postgres.ts";
 export * from "./process.ts";
 export * from "./s3.ts";
 export * from "./stack.ts";
+export * from "./storage.ts";
 export * from "./supabase_cli.ts";

@@ -3,10 +3,10 @@
  * for Fly.io (`deploy/fly-pgbouncer`), so what is tested is what is deployed.
  */
 import { createSql, type Sql } from "../../shared/db/mod.ts";
-import { mkdirOwned, type ServerUser } from "./os_user.ts";
+import { asServerUser, mkdirOwned, type ServerUser } from "./os_user.ts";
 import { PGBOUNCER_BIN, PGBOUNCER_DEPLOY_DIR } from "./paths.ts";
 import { freePort } from "./ports.ts";
-import { ServerProcess } from "./process.ts";
+import { runCommand, ServerProcess } from "./process.ts";
 import { waitUntilAccepting } from "./postgres.ts";
 
 export interface PgBouncerOptions {
@@ -43,6 +43,11 @@ export class PgBouncer {
     this.socketDir = `${this.dir}/sock`;
     this.logPath = `${this.dir}/pgbouncer.log`;
     this.database = options.database ?? "postgres";
+  }
+
+  /** Another PgBouncer with the same upstream and credentials (a second Fly machine). */
+  sibling(baseDir: string): PgBouncer {
+    return new PgBouncer({ ...this.#options, baseDir });
   }
 
   /** The `%include`d file the file router rewrites. */
@@ -145,6 +150,24 @@ export class PgBouncer {
     const clients = [...this.#clients];
     this.#clients.clear();
     await Promise.all(clients.map((c) => c.end({ timeout: 2 }).catch(() => {})));
+  }
+
+  /**
+   * Runs the shipped entrypoint with `args` (route, show, pause, resume, kill, target) as the
+   * server user, the way a Fly machine's exec does.
+   */
+  async entrypoint(
+    args: string[],
+    timeoutSeconds = 15,
+  ): Promise<{ code: number; stdout: string; stderr: string }> {
+    const argv = asServerUser(this.#options.user, "SIGKILL", "/bin/sh", [
+      `${this.#options.deployDir}/entrypoint.sh`,
+      ...args,
+    ]);
+    return await runCommand("timeout", [String(timeoutSeconds), ...argv], {
+      env: { ...this.entrypointEnv(), PATH: "/usr/bin:/bin:/usr/sbin:/sbin" },
+      clearEnv: true,
+    });
   }
 
   async tailLog(): Promise<string> {

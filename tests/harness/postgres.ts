@@ -28,6 +28,8 @@ export interface PgClusterOptions {
   /** Load pg_cron (only the Debian PostgreSQL 15 has it). */
   cron?: boolean;
   settings?: Record<string, string | number | boolean>;
+  /** Fixed passwords (the HA pair shares the application role's, as PgBouncer logs in to either). */
+  passwords?: Partial<Record<PgRole, string>>;
 }
 
 function secret(): string {
@@ -71,7 +73,7 @@ export class PgCluster {
   readonly logPath: string;
   readonly port: number;
   readonly cron: boolean;
-  readonly passwords: Record<PgRole, string> = { supabase_admin: secret(), postgres: secret() };
+  readonly passwords: Record<PgRole, string>;
   #user: ServerUser;
   #binDir = "";
   #process?: ServerProcess;
@@ -89,6 +91,10 @@ export class PgCluster {
     this.cron = options.cron ?? false;
     this.#user = options.user;
     this.#settings = options.settings ?? {};
+    this.passwords = {
+      supabase_admin: options.passwords?.supabase_admin ?? secret(),
+      postgres: options.passwords?.postgres ?? secret(),
+    };
   }
 
   /** initdb + configuration; the cluster is not started yet. */
@@ -284,5 +290,9 @@ export class PgCluster {
   async bootstrapPlatform(): Promise<void> {
     const sqlText = await Deno.readTextFile(new URL("./sql/platform.sql", import.meta.url));
     await this.psql(sqlText, { env: { SA_POSTGRES_PASSWORD: this.passwords.postgres } });
+    // Stand-ins for pg_net and Vault, which cannot be installed here (see the file's header).
+    await this.psql(
+      await Deno.readTextFile(new URL("./sql/platform_standins.sql", import.meta.url)),
+    );
   }
 }

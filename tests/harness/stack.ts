@@ -17,8 +17,9 @@ import { PgBouncer } from "./pgbouncer.ts";
 import { PgCluster } from "./postgres.ts";
 import { trackDir, untrackDir } from "./process.ts";
 import { S3Server } from "./s3.ts";
+import { StorageStandIn } from "./storage.ts";
 import { dbPush } from "./supabase_cli.ts";
-import { type FunctionsServer, serveFunctions } from "./functions.ts";
+import { type FunctionDeps, type FunctionsServer, serveFunctions } from "./functions.ts";
 import { serverToolsDir } from "./tools.ts";
 import type { LogSink } from "../../shared/http/logger.ts";
 
@@ -35,10 +36,18 @@ export interface StackOptions {
   pgbouncer?: boolean;
   /** The S3-protocol server, with these buckets. */
   s3?: boolean | { buckets: string[] };
+  /** The Supabase Storage stand-in (needs `primary`); `env()` then points SUPABASE_URL at it. */
+  storage?: boolean;
   /** Apply supabase/migrations with `supabase db push` to primary and standby (and versions). */
   migrate?: boolean;
   /** Serve the four functions; port 0 picks a free one. */
-  functions?: boolean | { port?: number; env?: Env; logSink?: LogSink };
+  functions?: boolean | { port?: number; env?: Env; logSink?: LogSink; deps?: FunctionDeps };
+  /**
+   * The HA pair: primary + standby (sharing the application role's password, as PgBouncer logs
+   * in to whichever is primary), PgBouncer and migrations. `env()` then gives the failover and
+   * health functions superuser URLs: on PostgreSQL 15 only a superuser may own a subscription.
+   */
+  ha?: boolean;
   /** Settings added to every PostgreSQL cluster's postgresql.conf. */
   pgSettings?: Record<string, string | number | boolean>;
 }
@@ -85,7 +94,10 @@ export class Stack {
   readonly clusters = new Map<PgVersion, PgCluster>();
   pgbouncer?: PgBouncer;
   s3?: S3Server;
+  storage?: StorageStandIn;
   functions?: FunctionsServer;
+  /** Started as an HA pair (see StackOptions.ha). */
+  ha = false;
   /** Milliseconds each phase of start-up took. */
   readonly timings: Record<string, number> = {};
   #stopped = false;
@@ -130,6 +142,10 @@ export class Stack {
       env.PRIMARY_DB_URL = this.primary.url("postgres");
     }
     if (this.standby) env.STANDBY_DB_URL = this.standby.url("postgres");
+    if (this.ha && this.primary && this.standby) {
+      env.PRIMARY_DB_URL = this.primary.url("supabase_admin");
+      env.STANDBY_DB_URL = this.standby.url("supabase_admin");
+    }
     if (this.pgbouncer) {
       env.PGBOUNCER_ADMIN_URL = this.pgbouncer.adminUrl();
       env.PGBOUNCER_DATABASE = this.pgbouncer.database;
@@ -142,6 +158,7 @@ export class Stack {
       env.AWS_SECRET_ACCESS_KEY = this.s3.secretAccessKey;
       env.S3_ENDPOINT = this.s3.endpoint;
     }
+    if (this.storage) env.SUPABASE_URL = this.storage.origin;
     return env;
   }
 
@@ -171,6 +188,7 @@ export class Stack {
     }
     await this.functions?.stop().catch(() => {});
     await this.pgbouncer?.stop().catch(() => {});
+    await this.storage?.stop().catch(() => {});
     await Promise.all([
       ...this.allClusters.map((c) => c.stop("fast").catch(() => c.stop("immediate"))),
       this.s3?.stop().catch(() => {}),
@@ -271,14 +289,27 @@ export async function startStack(
     `${dir}/owner.json`,
     JSON.stringify({ pid: Deno.pid, runId: RUN_ID, name }),
   );
+  if (options.ha) {
+    options = { ...options, primary: true, standby: true, pgbouncer: true, migrate: true };
+  }
   const stack = new Stack(name, dir, user, tokens);
+  stack.ha = options.ha ?? false;
+  const shared = options.ha ? { postgres: crypto.randomUUID().replaceAll("-", "") } : undefined;
   try {
     if (options.versions?.length) await serverToolsDir(user);
     const settings = options.pgSettings;
     const creating: Promise<void>[] = [];
     if (options.primary || options.pgbouncer) {
       creating.push(
-        PgCluster.create({ name: "primary", version: 15, baseDir: dir, user, cron: true, settings })
+        PgCluster.create({
+          name: "primary",
+          version: 15,
+          baseDir: dir,
+          user,
+          cron: true,
+          settings,
+          passwords: shared,
+        })
           .then((c) => {
             stack.primary = c;
           }),
@@ -286,7 +317,15 @@ export async function startStack(
     }
     if (options.standby) {
       creating.push(
-        PgCluster.create({ name: "standby", version: 15, baseDir: dir, user, cron: true, settings })
+        PgCluster.create({
+          name: "standby",
+          version: 15,
+          baseDir: dir,
+          user,
+          cron: true,
+          settings,
+          passwords: shared,
+        })
           .then((c) => {
             stack.standby = c;
           }),
@@ -311,6 +350,19 @@ export async function startStack(
       await c.bootstrapPlatform();
     }));
     mark("postgres");
+    if (options.storage) {
+      if (!stack.primary) {
+        throw new Error("The storage stand-in needs the primary (storage.objects).");
+      }
+      stack.storage = new StorageStandIn({
+        dir: `${dir}/storage`,
+        sql: stack.primary.sql("supabase_admin", { max: 8, applicationName: "storage-stand-in" }),
+        serviceRoleKey: stack.tokens.serviceRole,
+        anonKey: stack.tokens.anon,
+      });
+      await stack.storage.start();
+      mark("storage");
+    }
     if (options.pgbouncer && stack.primary) {
       stack.pgbouncer = new PgBouncer({
         baseDir: dir,
@@ -333,6 +385,7 @@ export async function startStack(
       stack.functions = await serveFunctions({ ...stack.env(), ...f.env }, {
         port: f.port,
         logSink: f.logSink,
+        deps: f.deps,
       });
       mark("functions");
     }

@@ -1,0 +1,87 @@
+/**
+ * The two sites of the HA pair, named after their configuration (PRIMARY_DB_URL is site
+ * "primary", STANDBY_DB_URL is site "standby"). Those are the roles at deployment; the roles they
+ * hold now come from each site's ha.state (the epoch decides). Each site has a small, reused pool
+ * for probes (2 s connect timeout, short statement timeout) and one for operations.
+ */
+import { createSql, type Sql } from "../db/mod.ts";
+
+export type SiteName = "primary" | "standby";
+export const SITE_NAMES: SiteName[] = ["primary", "standby"];
+
+export interface SiteEndpoint {
+  host: string;
+  port: number;
+  database: string;
+}
+
+export function endpointOf(url: string): SiteEndpoint {
+  const u = new URL(url);
+  return {
+    host: u.hostname,
+    port: Number(u.port || 5432),
+    database: decodeURIComponent(u.pathname.replace(/^\//, "")) || "postgres",
+  };
+}
+
+export interface SiteClients {
+  name: SiteName;
+  endpoint: SiteEndpoint;
+  /** For probes: fails fast. */
+  probe: Sql;
+  /** For failover steps: longer statements, still bounded. */
+  ops: Sql;
+}
+
+export class Sites {
+  readonly #urls: Record<SiteName, string>;
+  readonly #clients = new Map<SiteName, SiteClients>();
+  readonly #app: string;
+
+  constructor(urls: Record<SiteName, string>, applicationName: string) {
+    this.#urls = urls;
+    this.#app = applicationName;
+  }
+
+  get(name: SiteName): SiteClients {
+    let c = this.#clients.get(name);
+    if (!c) {
+      const url = this.#urls[name];
+      c = {
+        name,
+        endpoint: endpointOf(url),
+        probe: createSql(url, {
+          applicationName: this.#app,
+          max: 2,
+          // Under the probes' 1.8 s deadline, so a silent host fails the attempt by itself.
+          connectTimeout: 1.5,
+          idleTimeout: 120,
+          statementTimeoutMs: 1500,
+        }),
+        ops: createSql(url, {
+          applicationName: `${this.#app}-ops`,
+          max: 2,
+          connectTimeout: 5,
+          idleTimeout: 60,
+          statementTimeoutMs: 30_000,
+        }),
+      };
+      this.#clients.set(name, c);
+    }
+    return c;
+  }
+
+  other(name: SiteName): SiteName {
+    return name === "primary" ? "standby" : "primary";
+  }
+
+  async close(): Promise<void> {
+    const all = [...this.#clients.values()];
+    this.#clients.clear();
+    await Promise.all(
+      all.flatMap((c) => [c.probe.end({ timeout: 1 }), c.ops.end({ timeout: 1 })]).map((p) =>
+        p.catch(() => {})
+      ),
+    );
+  }
+}

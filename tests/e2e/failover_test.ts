@@ -1,0 +1,410 @@
+/**
+ * The failover function against a real primary, standby and PgBouncer: guardrails that refuse
+ * with 412 and change nothing, a planned switchover and a failback while four writers commit
+ * through PgBouncer (every acknowledged row must survive, no duplicate keys), 409 on a concurrent
+ * request, idempotency keys, the active-site answer, and bad input.
+ */
+import assert from "node:assert/strict";
+import { failoverClient, healthClient } from "../harness/ha_client.ts";
+import {
+  setupHa,
+  type Stack,
+  waitFor,
+  waitOperation,
+  waitReplicating,
+  withStack,
+  Writers,
+} from "../harness/mod.ts";
+
+/** Everything a refused request must leave as it was. */
+export async function haState(stack: Stack): Promise<string> {
+  const parts: unknown[] = [];
+  for (const c of [stack.primary!, stack.standby!]) {
+    if (!c.running) {
+      parts.push(`${c.name} stopped`);
+      continue;
+    }
+    const sql = c.sql("supabase_admin", { max: 1 });
+    parts.push(
+      await sql`
+        select (select to_jsonb(s) - 'updated_at' from ha.state s) as state,
+               (select coalesce(array_agg(x), '{}') from pg_db_role_setting d, unnest(d.setconfig) x where d.setrole = 0) as db_settings,
+               (select jsonb_agg(jsonb_build_object('name', subname, 'enabled', subenabled, 'slot', subslotname)) from pg_subscription) as subs,
+               (select array_agg(slot_name::text order by slot_name) from pg_replication_slots) as slots,
+               (select array_agg(schemaname || '.' || tablename order by 1, 2) from pg_publication_tables) as published,
+               (select count(*) from ha.operations) as operations,
+               (select jsonb_agg(jsonb_build_object('seq', sequencename, 'v', last_value) order by sequencename)
+                  from pg_sequences where schemaname = 'public') as sequences`,
+    );
+    await sql.end();
+  }
+  parts.push(
+    stack.pgbouncer!.running
+      ? await Deno.readTextFile(stack.pgbouncer!.databasesFile)
+      : "pgbouncer stopped",
+  );
+  if (stack.pgbouncer!.running) {
+    const admin = stack.pgbouncer!.admin();
+    const dbs = await admin.unsafe("SHOW DATABASES").simple();
+    parts.push(
+      dbs.filter((d: Record<string, unknown>) => d.name === "postgres").map((
+        d: Record<string, unknown>,
+      ) => [d.host, d.port, d.paused, d.disabled]),
+    );
+  }
+  return JSON.stringify(parts);
+}
+
+const lagLocks = new Map<Stack, import("../../shared/db/mod.ts").ReservedSql>();
+
+interface Fault {
+  name: string;
+  mode?: "planned" | "emergency" | "failback";
+  expect: string;
+  inject: (stack: Stack) => Promise<void>;
+  heal: (stack: Stack) => Promise<void>;
+}
+
+const FAULTS: Fault[] = [
+  {
+    name: "PgBouncer is down",
+    expect: "router_reachable",
+    inject: (s) => s.pgbouncer!.stop(),
+    heal: (s) => s.pgbouncer!.start(),
+  },
+  {
+    name: "PgBouncer is paused",
+    expect: "router_routes_to_primary",
+    inject: async (s) => void await s.pgbouncer!.admin().unsafe("PAUSE postgres").simple(),
+    heal: async (s) => void await s.pgbouncer!.admin().unsafe("RESUME postgres").simple(),
+  },
+  {
+    name: "the standby is down",
+    expect: "standby_ready",
+    inject: (s) => s.standby!.stop("fast"),
+    heal: async (s) => {
+      await s.standby!.start();
+      await waitReplicating(s);
+    },
+  },
+  {
+    name: "the subscription is disabled",
+    expect: "subscription_healthy",
+    inject: (s) => s.standby!.psql("alter subscription dr_subscription disable;").then(() => {}),
+    heal: async (s) => {
+      await s.standby!.psql("alter subscription dr_subscription enable;");
+      await waitReplicating(s);
+    },
+  },
+  {
+    name: "the schema drifted on the standby",
+    expect: "schema_equal",
+    inject: (s) =>
+      s.standby!.psql("alter table public.accounts add column note text;", { role: "postgres" })
+        .then(() => {}),
+    heal: (s) =>
+      s.standby!.psql("alter table public.accounts drop column note;", { role: "postgres" }).then(
+        () => {},
+      ),
+  },
+  {
+    name: "a published table has no replica identity",
+    expect: "replica_identity",
+    inject: async (s) => {
+      for (const c of [s.primary!, s.standby!]) {
+        await c.psql("create table public.bare (x int);", { role: "postgres" });
+      }
+      await s.primary!.psql("alter publication dr_publication add table public.bare;");
+      await s.standby!.psql("alter subscription dr_subscription refresh publication;");
+    },
+    heal: async (s) => {
+      await s.primary!.psql("alter publication dr_publication drop table public.bare;");
+      await s.standby!.psql("alter subscription dr_subscription refresh publication;");
+      for (const c of [s.primary!, s.standby!]) {
+        await c.psql("drop table public.bare;", { role: "postgres" });
+      }
+    },
+  },
+  {
+    name: "replication lags by more than 16 MB",
+    expect: "lag_under_threshold",
+    inject: async (s) => {
+      // The apply worker waits on a lock on the standby while ~25 MB of WAL piles up behind it.
+      const lock = await s.standby!.sql("supabase_admin", { max: 1 }).reserve();
+      await lock`begin`;
+      await lock`lock table public.accounts in access exclusive mode`;
+      lagLocks.set(s, lock);
+      await s.primary!.psql(
+        "insert into public.accounts (name) select repeat('x', 400) from generate_series(1, 60000);",
+        { role: "postgres" },
+      );
+    },
+    heal: async (s) => {
+      const lock = lagLocks.get(s)!;
+      await lock`rollback`;
+      lock.release();
+      const sql = s.standby!.sql("supabase_admin", { max: 1 });
+      await waitFor(
+        "the standby to catch up",
+        async () => {
+          const [{ n }] = await sql`select count(*)::int as n from public.accounts`;
+          return n >= 60000;
+        },
+        60_000,
+        200,
+      );
+      await sql.end();
+    },
+  },
+  {
+    name: "an emergency failover while the primary is reachable",
+    mode: "emergency",
+    expect: "primary_unreachable",
+    inject: async () => {},
+    heal: async () => {},
+  },
+  {
+    name: "a failback while the primary role is already at home",
+    mode: "failback",
+    expect: "away_from_home",
+    inject: async () => {},
+    heal: async () => {},
+  },
+];
+
+Deno.test("failover: guardrails, zero-loss switchover and failback under writers, 409, idempotency, bad input", async (t) => {
+  await withStack({
+    name: "failover",
+    ha: true,
+    functions: {
+      env: {
+        PRIMARY_SUPABASE_URL: "https://primary-ref.supabase.co",
+        STANDBY_SUPABASE_URL: "https://standby-ref.supabase.co",
+      },
+    },
+  }, async (stack) => {
+    await setupHa(stack);
+    const f = failoverClient(stack);
+    const h = healthClient(stack);
+
+    await stack.step(t, "a dry run evaluates every guardrail and changes nothing", async () => {
+      const before = await haState(stack);
+      const r = await f.post("/", { mode: "planned", dry_run: true });
+      assert.equal(r.status, 200, JSON.stringify(r.body));
+      assert.equal(r.body.ok, true);
+      const names = (r.body.checks as { name: string; ok: boolean }[]).map((c) => c.name);
+      for (
+        const n of [
+          "router_reachable",
+          "primary_healthy",
+          "standby_ready",
+          "router_routes_to_primary",
+          "subscription_healthy",
+          "lag_under_threshold",
+          "schema_equal",
+          "replica_identity",
+          "source_privileges",
+          "no_running_operation",
+        ]
+      ) assert.ok(names.includes(n), `missing check ${n}`);
+      assert.equal(await haState(stack), before);
+    });
+
+    for (const fault of FAULTS) {
+      await stack.step(
+        t,
+        `guardrail: ${fault.name} → 412 ${fault.expect}, nothing changed`,
+        async () => {
+          await fault.inject(stack);
+          try {
+            const before = await haState(stack);
+            const r = fault.mode === "failback"
+              ? await f.post("/failback", {})
+              : await f.post("/", { mode: fault.mode ?? "planned" });
+            assert.equal(r.status, 412, JSON.stringify(r.body));
+            assert.equal(r.body.error, "guardrail_failed");
+            const failed = (r.body.details as { failed: string[] }).failed;
+            assert.ok(failed.includes(fault.expect), `expected ${fault.expect} in ${failed}`);
+            assert.equal(await haState(stack), before);
+          } finally {
+            await fault.heal(stack);
+          }
+        },
+      );
+    }
+
+    await stack.step(
+      t,
+      "planned switchover under 4 writers: every acknowledged row survives, no duplicate keys",
+      async () => {
+        const writers = new Writers(stack.pgbouncer!.url(), 4);
+        writers.start();
+        await writers.progress(300);
+        const started = Date.now();
+        const r = await f.post("/", { mode: "planned", idempotency_key: "switch-1" });
+        assert.equal(r.status, 202, JSON.stringify(r.body));
+        const second = await f.post("/", { mode: "planned" });
+        assert.equal(second.status, 409, JSON.stringify(second.body));
+        assert.equal(second.body.error, "operation_in_progress");
+        const op = await waitOperation(f.base, f.token, String(r.body.operation_id));
+        const finished = Date.now();
+        assert.equal(op.state, "succeeded", `${op.step}: ${op.error}`);
+        writers.measureGapsBetween(started, finished);
+        await writers.progress(300);
+        const stats = await writers.stop();
+        console.log(
+          `  switchover: ${
+            finished - started
+          } ms end to end, write gap ${stats.maxGapMs} ms, ${stats.acked} commits acknowledged, errors ${
+            JSON.stringify(stats.errors)
+          }`,
+        );
+        const newPrimary = stack.standby!.sql("supabase_admin");
+        assert.deepEqual(await writers.missingOn(newPrimary), []);
+        assert.equal(stats.duplicateKeyErrors, 0);
+        const done = (op.steps ?? []).filter((s) => s.outcome === "done").map((s) => s.step);
+        for (
+          const s of [
+            "freeze",
+            "marker",
+            "wait_marker",
+            "seq_sync",
+            "detach",
+            "reverse",
+            "repoint",
+            "epoch",
+            "resume",
+          ]
+        ) {
+          assert.ok(done.includes(s), `step ${s} not done`);
+        }
+        const primary = await h.get("/primary");
+        assert.equal(primary.status, 200);
+        assert.equal(primary.body.site, "standby");
+        assert.equal(primary.body.epoch, 2);
+        assert.equal((await h.get("/standby")).body.site, "primary");
+        assert.equal((await h.get("/pgbouncer")).status, 200);
+        // The old primary refuses application writes on a new session.
+        await assert.rejects(
+          () =>
+            stack.primary!.psql("insert into public.ledger (writer, n) values (77, 1);", {
+              role: "postgres",
+            }),
+          /read-only transaction/,
+        );
+      },
+    );
+
+    await stack.step(t, "the same idempotency key returns the finished operation", async () => {
+      const r = await f.post("/", { mode: "planned", idempotency_key: "switch-1" });
+      assert.equal(r.status, 200);
+      assert.equal(r.body.state, "succeeded");
+      const other = await f.post("/failback", { idempotency_key: "switch-1" });
+      assert.equal(other.status, 409);
+      assert.equal(other.body.error, "idempotency_conflict");
+    });
+
+    await stack.step(
+      t,
+      "GET /failover/active answers the site, epoch and project URL (failover or health token)",
+      async () => {
+        const r = await f.get("/active");
+        assert.equal(r.status, 200);
+        assert.deepEqual(
+          { primary: r.body.primary, epoch: r.body.epoch, url: r.body.supabase_url },
+          { primary: "standby", epoch: 2, url: "https://standby-ref.supabase.co" },
+        );
+        const withHealth = await fetch(`${f.base}/active`, {
+          headers: { authorization: `Bearer ${stack.tokens.health}` },
+        });
+        assert.equal(withHealth.status, 200);
+        await withHealth.body?.cancel();
+        const none = await fetch(`${f.base}/active`);
+        assert.equal(none.status, 401);
+        await none.body?.cancel();
+        assert.ok(!JSON.stringify(r.body).includes(String(stack.standby!.port)));
+      },
+    );
+
+    await stack.step(t, "failback under 4 writers: zero loss in reverse", async () => {
+      const writers = new Writers(stack.pgbouncer!.url(), 4);
+      writers.start();
+      await writers.progress(300);
+      const started = Date.now();
+      const r = await f.post("/failback", {});
+      assert.equal(r.status, 202, JSON.stringify(r.body));
+      const op = await waitOperation(f.base, f.token, String(r.body.operation_id));
+      const finished = Date.now();
+      assert.equal(op.state, "succeeded", `${op.step}: ${op.error}`);
+      writers.measureGapsBetween(started, finished);
+      await writers.progress(300);
+      const stats = await writers.stop();
+      console.log(
+        `  failback: ${
+          finished - started
+        } ms end to end, write gap ${stats.maxGapMs} ms, ${stats.acked} commits`,
+      );
+      assert.deepEqual(await writers.missingOn(stack.primary!.sql("supabase_admin")), []);
+      assert.equal(stats.duplicateKeyErrors, 0);
+      const primary = await h.get("/primary");
+      assert.equal(primary.body.site, "primary");
+      assert.equal(primary.body.epoch, 3);
+      const verify = await f.get("/verify");
+      assert.equal(verify.status, 200);
+      await waitFor(
+        "the standby to hold the same rows",
+        async () => (await f.get("/verify")).body.match === true,
+        20_000,
+        200,
+      );
+    });
+
+    await stack.step(
+      t,
+      "bad input is a 400 (401 without a token) and changes nothing",
+      async () => {
+        const before = await haState(stack);
+        for (
+          const [path, body] of [
+            ["/", { mode: "sideways" }],
+            ["/", { mode: "planned", force: true }],
+            ["/", { mode: "planned", idempotency_key: "has spaces" }],
+            ["/", { mode: "planned", idempotency_key: "x".repeat(201) }],
+            ["/", { mode: "planned", dry_run: "yes" }],
+            ["/failback", { mode: "planned" }],
+            ["/rejoin", { site: "primary" }],
+            ["/rejoin", { site: "primary", discard_unreplicated: "true" }],
+            ["/setup", { schemas: ["public; drop table x"] }],
+          ] as const
+        ) {
+          const r = await f.post(path, body);
+          assert.equal(r.status, 400, `${path} ${JSON.stringify(body)}: ${JSON.stringify(r.body)}`);
+          assert.equal(r.body.error, "invalid_input");
+        }
+        const raw = await fetch(`${f.base}/`, {
+          method: "POST",
+          headers: { authorization: `Bearer ${f.token}`, "content-type": "application/json" },
+          body: "{mode:",
+        });
+        assert.equal(raw.status, 400);
+        assert.equal((await raw.json()).error, "invalid_json");
+        assert.equal((await f.get("/operations/not-a-uuid")).status, 400);
+        assert.equal((await f.get(`/operations/${crypto.randomUUID()}`)).status, 404);
+        assert.equal((await f.get("/checks?mode=sideways")).status, 400);
+        for (
+          const r of stack.functions!.apps.failover.routes.filter((x) =>
+            x.path !== "/" || x.method !== "get"
+          )
+        ) {
+          const path = r.path.replace(":id", crypto.randomUUID());
+          const res = await fetch(`${f.base}${path === "/" ? "" : path}`, {
+            method: r.method.toUpperCase(),
+          });
+          assert.equal(res.status, 401, `${r.method} ${path}`);
+          await res.body?.cancel();
+        }
+        assert.equal(await haState(stack), before);
+      },
+    );
+  });
+});
