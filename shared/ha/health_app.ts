@@ -4,6 +4,8 @@ import type { HealthConfig } from "../config/mod.ts";
 import { FunctionApp } from "../http/app.ts";
 import { addInfoRoute } from "../http/info.ts";
 import type { LogSink } from "../http/logger.ts";
+import { SELF_CONTAINED_CSP } from "../http/html.ts";
+import { dashboardData, renderDashboard } from "./dashboard.ts";
 import * as probes from "./health.ts";
 import { HaRuntime, type HaRuntimeOptions } from "./runtime.ts";
 
@@ -205,6 +207,31 @@ export function createHealthApp(config: HealthConfig, deps: HealthDeps = {}): Fu
           : await probes.pgbouncer(rt, c.get("log")),
         c,
       );
+    },
+  );
+  app.route(
+    {
+      method: "get",
+      path: "/dashboard",
+      summary:
+        "Self-contained HTML status page: topology, lag over the last hour, recent failovers",
+      query: TokenOnly,
+      responses: {
+        200: { description: "HTML page", contentType: "text/html" },
+        503: { description: "Not configured" },
+      },
+    },
+    async (_input, c) => {
+      if (siteProblems().length) return send(unconfigured("dashboard"), c);
+      const standby = await probes.standby(rt, undefined, {
+        lagBytes: 16 * 1024 ** 2,
+        maxStalenessSeconds: 60,
+      }, c.get("log"));
+      const obs = await rt.observe(probes.PROBE_DEADLINE_MS, c.get("log"));
+      const html = renderDashboard(await dashboardData(rt, standby, obs));
+      c.header("content-security-policy", SELF_CONTAINED_CSP);
+      c.header("cache-control", "no-store");
+      return c.html(html);
     },
   );
   return app;

@@ -2,6 +2,7 @@
 import { z } from "zod";
 import type { ConfigProblem } from "../config/mod.ts";
 import type { FunctionApp } from "./app.ts";
+import { addOpenApiRoute } from "./openapi.ts";
 
 export const FunctionInfo = z.object({
   function: z.string(),
@@ -13,7 +14,9 @@ export const FunctionInfo = z.object({
   routes: z.array(z.string()),
 });
 
+/** Registers `GET /<name>/` (description, missing configuration) and `GET /<name>/openapi.json`. */
 export function addInfoRoute(app: FunctionApp, problems: ConfigProblem[]): void {
+  addOpenApiRoute(app);
   app.route(
     {
       method: "get",

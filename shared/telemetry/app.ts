@@ -9,6 +9,7 @@ import { addInfoRoute } from "../http/info.ts";
 import type { LogSink } from "../http/logger.ts";
 import * as q from "./queries.ts";
 import { renderReport } from "./report.ts";
+import { SELF_CONTAINED_CSP } from "../http/html.ts";
 import {
   DiagnoseQuery,
   LimitQuery,
@@ -197,7 +198,7 @@ export function createTelemetryApp(config: TelemetryConfig, deps: TelemetryDeps 
         });
         c.header(
           "content-security-policy",
-          "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+          SELF_CONTAINED_CSP,
         );
         return c.html(html);
       }),

@@ -4,6 +4,10 @@
  * wait class, the WAL/checkpoint timeline and the lock waits.
  */
 
+import { escapeHtml, fmtBytes, fmtTime, niceMax } from "../http/html.ts";
+
+export { escapeHtml };
+
 type Json = Record<string, unknown>;
 
 export interface ReportData {
@@ -34,40 +38,7 @@ function color(cls: string): string {
   return CLASS_COLORS[cls] ?? "#607d8b";
 }
 
-export function escapeHtml(value: unknown): string {
-  return String(value ?? "")
-    .replaceAll("&", "&amp;")
-    .replaceAll("<", "&lt;")
-    .replaceAll(">", "&gt;")
-    .replaceAll('"', "&quot;")
-    .replaceAll("'", "&#39;");
-}
-
 const num = (v: unknown): number => (typeof v === "number" ? v : Number(v ?? 0));
-
-function fmtTime(iso: unknown): string {
-  const d = new Date(String(iso));
-  return Number.isNaN(d.getTime())
-    ? String(iso ?? "")
-    : d.toISOString().replace("T", " ").replace(/\.\d+Z$/, "Z");
-}
-
-function fmtBytes(n: number): string {
-  const units = ["B", "kB", "MB", "GB", "TB"];
-  let i = 0;
-  while (n >= 1024 && i < units.length - 1) {
-    n /= 1024;
-    i++;
-  }
-  return `${n.toFixed(n >= 10 || i === 0 ? 0 : 1)} ${units[i]}`;
-}
-
-function niceMax(v: number): number {
-  if (v <= 0) return 1;
-  const p = 10 ** Math.floor(Math.log10(v));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
-  return 10 * p;
-}
 
 const W = 900;
 const H = 240;

@@ -5,6 +5,7 @@
  * request, idempotency keys, the active-site answer, and bad input.
  */
 import assert from "node:assert/strict";
+import { inspectPage } from "../harness/chromium.ts";
 import { failoverClient, healthClient } from "../harness/ha_client.ts";
 import {
   setupHa,
@@ -358,6 +359,48 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
         200,
       );
     });
+
+    await stack.step(
+      t,
+      "the dashboard shows topology, the lag chart and the operations, in Chromium without errors",
+      async () => {
+        const beat = stack.primary!.sql("postgres", { max: 1 });
+        for (let i = 0; i < 5; i++) {
+          await beat`select ha.beat()`;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        const url = `${h.base}/dashboard?token=${stack.tokens.health}`;
+        const res = await fetch(url);
+        assert.equal(res.status, 200);
+        assert.match(res.headers.get("content-type") ?? "", /text\/html/);
+        const html = await res.text();
+        assert.doesNotMatch(html, /<script|<link|@import|url\(|https?:\/\//i);
+        const anon = await fetch(`${h.base}/dashboard`);
+        assert.equal(anon.status, 401);
+        await anon.body?.cancel();
+        const page = await inspectPage(url, {
+          expression: `JSON.stringify({
+          status: document.getElementById('status').textContent,
+          rows: document.querySelectorAll('#topology tr').length,
+          lagPoints: document.querySelectorAll('#lag-chart .dot').length,
+          lagPath: document.querySelector('#lag-chart .lag-line').getBBox().width,
+          ops: document.querySelectorAll('details.op').length,
+          firstOp: document.querySelector('details.op summary').textContent,
+        })`,
+          screenshotName: "ha-dashboard",
+        });
+        assert.deepEqual(page.problems, []);
+        const v = JSON.parse(String(page.value));
+        assert.match(v.status, /Primary: primary/);
+        assert.match(v.status, /routes to primary at epoch 3/);
+        assert.match(v.status, /standby: applying/);
+        assert.equal(v.rows, 3);
+        assert.ok(v.lagPoints >= 5, `lag points ${v.lagPoints}`);
+        assert.ok(v.lagPath > 0);
+        assert.ok(v.ops >= 2);
+        assert.match(v.firstOp, /succeeded\s*failback standby → primary \(epoch 3\)/);
+      },
+    );
 
     await stack.step(
       t,

@@ -5,6 +5,7 @@
  */
 import { isFree } from "./ports.ts";
 import { REPO_ROOT } from "./paths.ts";
+import { setupHa } from "./ha.ts";
 import { type StackTokens, startStack } from "./stack.ts";
 
 const port = Number(Deno.env.get("DEV_PORT") ?? 54321);
@@ -39,22 +40,21 @@ const tokens: Partial<StackTokens> = {
 };
 
 console.log(
-  "Starting the SA Toolkit local stack (PostgreSQL 15 primary + standby, PgBouncer, S3) ...",
+  "Starting the SA Toolkit local stack (PostgreSQL 15 primary + standby under replication, PgBouncer, S3) ...",
 );
 const started = performance.now();
 const stack = await startStack({
   name: "dev",
-  primary: true,
-  standby: true,
-  pgbouncer: true,
+  ha: true,
   s3: true,
-  migrate: true,
   functions: { port },
 }, tokens);
 stack.stopOnSignals(() => {
   console.log("Stopped. Nothing is left running.");
   Deno.exit(0);
 });
+// A small application schema (public.ledger, public.accounts) on both sites, replicated.
+await setupHa(stack);
 
 const base = `http://127.0.0.1:${port}/functions/v1`;
 const seconds = ((performance.now() - started) / 1000).toFixed(1);
@@ -77,9 +77,12 @@ export HEALTH_TOKEN=${stack.tokens.health}
 
 Try:
 curl -s -H "Authorization: Bearer $TOOLKIT_API_TOKEN" ${base}/telemetry/
-curl -s -H "Authorization: Bearer $HEALTH_TOKEN" ${base}/health/liveness
-curl -s -H "Authorization: Bearer $FAILOVER_TOKEN" ${base}/failover/
+curl -s -H "Authorization: Bearer $HEALTH_TOKEN" ${base}/health/primary
+curl -s -H "Authorization: Bearer $FAILOVER_TOKEN" ${base}/failover/checks
+curl -s -X POST -H "Authorization: Bearer $FAILOVER_TOKEN" -d '{"mode":"planned"}' ${base}/failover
 curl -s -H "Authorization: Bearer $TOOLKIT_API_TOKEN" ${base}/storage-to-s3/
+
+HA dashboard (open in a browser): ${base}/health/dashboard?token=${stack.tokens.health}
 
 Press Ctrl-C to stop everything.`);
 
