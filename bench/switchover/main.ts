@@ -23,6 +23,7 @@ import { failoverClient } from "../../tests/harness/ha_client.ts";
 import {
   setupHa,
   type Stack,
+  underWriteLoad,
   waitFor,
   waitOperation,
   waitReplicating,
@@ -50,22 +51,14 @@ async function underLoad(
   primarySite: () => Sql,
   action: () => Promise<void>,
 ): Promise<Result> {
-  const writers = new Writers(stack.pgbouncer!.url(), 4, 2);
-  writers.start();
-  await writers.progress(200);
-  const started = Date.now();
-  await action();
-  const finished = Date.now();
-  writers.measureGapsBetween(started, finished);
-  await writers.progress(200, 60_000);
-  const stats = await writers.stop();
-  const lost = (await writers.missingOn(primarySite())).length;
+  const run = await underWriteLoad(stack.pgbouncer!.url(), action, { pauseMs: 2, warmup: 200 });
+  const lost = (await run.writers.missingOn(primarySite())).length;
   return {
-    gapMs: stats.maxGapMs,
-    totalMs: finished - started,
+    gapMs: run.stats.maxGapMs,
+    totalMs: run.ms,
     lost,
-    acked: stats.acked,
-    dupKeys: stats.duplicateKeyErrors,
+    acked: run.stats.acked,
+    dupKeys: run.stats.duplicateKeyErrors,
   };
 }
 
@@ -165,7 +158,9 @@ await withStack(
         console.error(`  writer errors: ${JSON.stringify(wstats.errors)}`);
       }
       if (Deno.env.get("BENCH_VERBOSE") && writableMs > 5000) {
-        console.error(await stack.pgbouncer!.tailLog());
+        const copy = `${Deno.makeTempDirSync()}/pgbouncer.log`;
+        Deno.copyFileSync(stack.pgbouncer!.logPath, copy);
+        console.error(`  slow: PgBouncer's log copied to ${copy}`);
       }
       const lost = (await writers.missingOn(siteSql("standby"))).length;
       emergency.push({ writableMs, totalMs, lost });

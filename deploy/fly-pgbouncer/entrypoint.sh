@@ -34,6 +34,7 @@ set -eu
 : "${QUERY_WAIT_TIMEOUT:=120}"
 : "${SERVER_TLS_SSLMODE:=require}"
 : "${CLIENT_TLS_SSLMODE:=}"
+: "${VERBOSE:=0}"
 
 DATABASES_FILE="$PGBOUNCER_STATE_DIR/databases.ini"
 
@@ -151,6 +152,7 @@ client_tls_key_file = $PGBOUNCER_CONF_DIR/client.key"
   PGB_SERVER_TLS_SSLMODE="$SERVER_TLS_SSLMODE" \
   PGB_CLIENT_TLS_SSLMODE="$CLIENT_TLS_SSLMODE" \
   PGB_CLIENT_TLS_FILES="$tls_files" \
+  PGB_VERBOSE="$VERBOSE" \
     render "$PGBOUNCER_TEMPLATE_DIR/pgbouncer.ini.template" "$PGBOUNCER_CONF_DIR/pgbouncer.ini"
 
   log "starting PgBouncer on $LISTEN_ADDR:$LISTEN_PORT (admin console: database pgbouncer, user $PGBOUNCER_ADMIN_USER)"

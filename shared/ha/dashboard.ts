@@ -42,7 +42,11 @@ export function lagChart(points: LagPoint[], minutes = 60): string {
     return `<p class="empty">No lag samples in the last ${minutes} minutes (the acting primary records one at every heartbeat; is pg_cron running <code>ha_heartbeat</code>?).</p>`;
   }
   const t1 = Date.now();
-  const t0 = t1 - minutes * 60_000;
+  // The x axis starts at the oldest sample (at most `minutes` ago, at least
+  // one minute wide), so a young pair's few samples are not squeezed into a
+  // single pixel column.
+  const oldest = Math.min(...pts.map((p) => Date.parse(p.at)));
+  const t0 = Math.min(t1 - 60_000, Math.max(t1 - minutes * 60_000, oldest));
   const max = niceMax(Math.max(...pts.map((p) => p.lagBytes!)) * 1.1);
   const iw = W - M.left - M.right;
   const ih = H - M.top - M.bottom;

@@ -37,6 +37,18 @@ function siteSummary(v: SiteView): Record<string, unknown> {
   };
 }
 
+/** No site holds the role the probe asks about. */
+function unavailable(
+  base: Record<string, unknown>,
+  reason: string,
+  extra: Record<string, unknown> = {},
+): ProbeResult {
+  return {
+    healthy: false,
+    body: { ...base, role: "unknown", state: "unavailable", reason, ...extra },
+  };
+}
+
 function pickSite(
   obs: Observation,
   requested: SiteName | undefined,
@@ -87,16 +99,9 @@ export async function primary(
   const name = pickSite(obs, site, "primary");
   const base = { probe: "primary", epoch: obs.epoch };
   if (!name) {
-    return {
-      healthy: false,
-      body: {
-        ...base,
-        role: "unknown",
-        state: "unavailable",
-        reason: noPrimaryReason(obs),
-        sites: Object.values(obs.topology.sites).map(siteSummary),
-      },
-    };
+    return unavailable(base, noPrimaryReason(obs), {
+      sites: Object.values(obs.topology.sites).map(siteSummary),
+    });
   }
   const v = obs.topology.sites[name];
   const body = { ...base, ...siteSummary(v) };
@@ -170,17 +175,7 @@ export async function standby(
     epoch: obs.epoch,
     limits: { lag_bytes: limits.lagBytes, max_staleness_seconds: limits.maxStalenessSeconds },
   };
-  if (!name) {
-    return {
-      healthy: false,
-      body: {
-        ...base,
-        role: "unknown",
-        state: "unavailable",
-        reason: "no site holds the standby role at the current epoch",
-      },
-    };
-  }
+  if (!name) return unavailable(base, "no site holds the standby role at the current epoch");
   const v = obs.topology.sites[name];
   const body: Record<string, unknown> = { ...base, ...siteSummary(v) };
   const fail = (reason: string): ProbeResult => ({ healthy: false, body: { ...body, reason } });

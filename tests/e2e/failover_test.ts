@@ -10,11 +10,11 @@ import { failoverClient, healthClient } from "../harness/ha_client.ts";
 import {
   setupHa,
   type Stack,
+  underWriteLoad,
   waitFor,
   waitOperation,
   waitReplicating,
   withStack,
-  Writers,
 } from "../harness/mod.ts";
 
 /** Everything a refused request must leave as it was. */
@@ -238,25 +238,18 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
       t,
       "planned switchover under 4 writers: every acknowledged row survives, no duplicate keys",
       async () => {
-        const writers = new Writers(stack.pgbouncer!.url(), 4);
-        writers.start();
-        await writers.progress(300);
-        const started = Date.now();
-        const r = await f.post("/", { mode: "planned", idempotency_key: "switch-1" });
-        assert.equal(r.status, 202, JSON.stringify(r.body));
-        const second = await f.post("/", { mode: "planned" });
-        assert.equal(second.status, 409, JSON.stringify(second.body));
-        assert.equal(second.body.error, "operation_in_progress");
-        const op = await waitOperation(f.base, f.token, String(r.body.operation_id));
-        const finished = Date.now();
+        const run = await underWriteLoad(stack.pgbouncer!.url(), async () => {
+          const r = await f.post("/", { mode: "planned", idempotency_key: "switch-1" });
+          assert.equal(r.status, 202, JSON.stringify(r.body));
+          const second = await f.post("/", { mode: "planned" });
+          assert.equal(second.status, 409, JSON.stringify(second.body));
+          assert.equal(second.body.error, "operation_in_progress");
+          return await waitOperation(f.base, f.token, String(r.body.operation_id));
+        });
+        const { result: op, stats, writers } = run;
         assert.equal(op.state, "succeeded", `${op.step}: ${op.error}`);
-        writers.measureGapsBetween(started, finished);
-        await writers.progress(300);
-        const stats = await writers.stop();
         console.log(
-          `  switchover: ${
-            finished - started
-          } ms end to end, write gap ${stats.maxGapMs} ms, ${stats.acked} commits acknowledged, errors ${
+          `  switchover: ${run.ms} ms end to end, write gap ${stats.maxGapMs} ms, ${stats.acked} commits acknowledged, errors ${
             JSON.stringify(stats.errors)
           }`,
         );
@@ -328,22 +321,15 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
     );
 
     await stack.step(t, "failback under 4 writers: zero loss in reverse", async () => {
-      const writers = new Writers(stack.pgbouncer!.url(), 4);
-      writers.start();
-      await writers.progress(300);
-      const started = Date.now();
-      const r = await f.post("/failback", {});
-      assert.equal(r.status, 202, JSON.stringify(r.body));
-      const op = await waitOperation(f.base, f.token, String(r.body.operation_id));
-      const finished = Date.now();
+      const run = await underWriteLoad(stack.pgbouncer!.url(), async () => {
+        const r = await f.post("/failback", {});
+        assert.equal(r.status, 202, JSON.stringify(r.body));
+        return await waitOperation(f.base, f.token, String(r.body.operation_id));
+      });
+      const { result: op, stats, writers } = run;
       assert.equal(op.state, "succeeded", `${op.step}: ${op.error}`);
-      writers.measureGapsBetween(started, finished);
-      await writers.progress(300);
-      const stats = await writers.stop();
       console.log(
-        `  failback: ${
-          finished - started
-        } ms end to end, write gap ${stats.maxGapMs} ms, ${stats.acked} commits`,
+        `  failback: ${run.ms} ms end to end, write gap ${stats.maxGapMs} ms, ${stats.acked} commits`,
       );
       assert.deepEqual(await writers.missingOn(stack.primary!.sql("supabase_admin")), []);
       assert.equal(stats.duplicateKeyErrors, 0);
@@ -384,6 +370,7 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
           rows: document.querySelectorAll('#topology tr').length,
           lagPoints: document.querySelectorAll('#lag-chart .dot').length,
           lagPath: document.querySelector('#lag-chart .lag-line').getBBox().width,
+          lagSegments: document.querySelector('#lag-chart .lag-line').getAttribute('d').split('L').length,
           ops: document.querySelectorAll('details.op').length,
           firstOp: document.querySelector('details.op summary').textContent,
         })`,
@@ -396,7 +383,8 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
         assert.match(v.status, /standby: applying/);
         assert.equal(v.rows, 3);
         assert.ok(v.lagPoints >= 5, `lag points ${v.lagPoints}`);
-        assert.ok(v.lagPath > 0);
+        assert.ok(v.lagSegments >= 5, `lag segments ${v.lagSegments}`);
+        assert.ok(v.lagPath > 0, `lag line width ${v.lagPath}`);
         assert.ok(v.ops >= 2);
         assert.match(v.firstOp, /succeeded\s*failback standby → primary \(epoch 3\)/);
       },

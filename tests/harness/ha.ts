@@ -249,3 +249,37 @@ export async function waitOperation(
   );
   return last!;
 }
+
+export interface LoadedRun<T> {
+  result: T;
+  stats: WriterStats;
+  writers: Writers;
+  /** Milliseconds the action took. */
+  ms: number;
+}
+
+/**
+ * Runs `action` while `count` writers commit through PgBouncer: warms up with `warmup` commits,
+ * measures the longest gap between acknowledged commits during the action, lets `warmup` more
+ * commits through afterwards (proving writes flow again) and stops the writers.
+ */
+export async function underWriteLoad<T>(
+  url: string,
+  action: () => Promise<T>,
+  options: { count?: number; pauseMs?: number; warmup?: number } = {},
+): Promise<LoadedRun<T>> {
+  const writers = new Writers(url, options.count ?? 4, options.pauseMs ?? 5);
+  writers.start();
+  try {
+    await writers.progress(options.warmup ?? 300);
+    const started = Date.now();
+    const result = await action();
+    const finished = Date.now();
+    writers.measureGapsBetween(started, finished);
+    await writers.progress(options.warmup ?? 300, 60_000);
+    return { result, stats: await writers.stop(), writers, ms: finished - started };
+  } catch (e) {
+    await writers.stop();
+    throw e;
+  }
+}

@@ -83,6 +83,8 @@ export class PgBouncer {
       QUERY_WAIT_TIMEOUT: "60",
       SERVER_TLS_SSLMODE: "disable",
       CLIENT_TLS_SSLMODE: "disable",
+      // SA_PGBOUNCER_VERBOSE=1|2 turns on PgBouncer's debug log (diagnosing the harness only).
+      VERBOSE: Deno.env.get("SA_PGBOUNCER_VERBOSE") ?? "0",
     };
   }
 
