@@ -5,7 +5,7 @@
  */
 import { isFree } from "./ports.ts";
 import { REPO_ROOT } from "./paths.ts";
-import { setupHa } from "./ha.ts";
+import { seedDevData } from "./dev_data.ts";
 import { type StackTokens, startStack } from "./stack.ts";
 
 const port = Number(Deno.env.get("DEV_PORT") ?? 54321);
@@ -40,21 +40,23 @@ const tokens: Partial<StackTokens> = {
 };
 
 console.log(
-  "Starting the SA Toolkit local stack (PostgreSQL 15 primary + standby under replication, PgBouncer, S3) ...",
+  "Starting the SA Toolkit local stack (PostgreSQL 15 primary + standby under replication, PgBouncer, S3, Storage stand-in) ...",
 );
 const started = performance.now();
 const stack = await startStack({
   name: "dev",
   ha: true,
   s3: true,
+  storage: true,
   functions: { port },
 }, tokens);
 stack.stopOnSignals(() => {
   console.log("Stopped. Nothing is left running.");
   Deno.exit(0);
 });
-// A small application schema (public.ledger, public.accounts) on both sites, replicated.
-await setupHa(stack);
+// public.ledger/public.accounts replicated to the standby, a finished `nightly-etl` run, and a
+// Storage bucket `avatars`: what the README's examples use.
+await seedDevData(stack);
 
 const base = `http://127.0.0.1:${port}/functions/v1`;
 const seconds = ((performance.now() - started) / 1000).toFixed(1);
@@ -68,6 +70,7 @@ Databases (user postgres, not a superuser, like on Supabase):
   pgbouncer  ${stack.pgbouncer!.url()}
   admin      ${stack.pgbouncer!.adminUrl()}
 S3 (s3rver)  ${stack.s3!.endpoint}  bucket ${stack.s3!.buckets[0]}
+Storage      ${stack.storage!.origin}  (stand-in of the Storage REST API; bucket avatars)
 Functions    ${base}/{telemetry,health,failover,storage-to-s3}/
 
 Tokens (${source}; put them in .env.dev to keep them):
