@@ -27,12 +27,15 @@ import {
 } from "./budget.ts";
 import { CopyError, errorText, isAbortError } from "./errors.ts";
 import {
+  canRestore,
   hexToBase64,
   multipartEtag,
   nativeHash,
+  restoreSha256,
   ResumableMd5,
-  ResumableSha256,
+  type ResumableSha256,
   type StreamHash,
+  WasmSha256,
 } from "./hashing.ts";
 import * as jobs from "./jobs.ts";
 import { buildMetadata, systemHeader } from "./metadata.ts";
@@ -452,7 +455,8 @@ interface Planned {
 function canResume(row: jobs.ManifestRow, partSize: number): boolean {
   const state = row.resume_state;
   return !!(row.upload_id && state && row.bytes_done > 0 && row.bytes_done < row.size &&
-    row.bytes_done % partSize === 0 && (!isPlainMd5(row.source_etag) || state.md5));
+    row.bytes_done % partSize === 0 && (!isPlainMd5(row.source_etag) || state.md5) &&
+    canRestore(state.sha256));
 }
 
 function planObject(ctx: Ctx, row: jobs.ManifestRow): Planned {
@@ -552,10 +556,10 @@ interface Hashers {
   resumable: boolean;
 }
 
-function newHashers(resumable: boolean, withMd5: boolean): Hashers {
+async function newHashers(resumable: boolean, withMd5: boolean): Promise<Hashers> {
   if (resumable) {
     return {
-      sha: new ResumableSha256(),
+      sha: await WasmSha256.create(),
       md5: withMd5 ? new ResumableMd5() : undefined,
       resumable,
     };
@@ -602,12 +606,12 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
   if (planned.mode === "resume" && state) {
     start = row.bytes_done;
     hashers = {
-      sha: ResumableSha256.restore(state.sha256),
+      sha: await restoreSha256(state.sha256),
       md5: state.md5 ? ResumableMd5.restore(state.md5) : undefined,
       resumable: true,
     };
   } else {
-    hashers = newHashers(planned.mode === "resumable", expectedMd5 !== undefined);
+    hashers = await newHashers(planned.mode === "resumable", expectedMd5 !== undefined);
   }
 
   if (!uploadId) {
@@ -761,7 +765,7 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
       hashedUpTo = n;
       const st: jobs.ResumeState | undefined = hashers.resumable
         ? {
-          sha256: (hashers.sha as ResumableSha256).save(),
+          sha256: (hashers.sha as WasmSha256 | ResumableSha256).save(),
           md5: hashers.md5 ? (hashers.md5 as ResumableMd5).save() : undefined,
         }
         : undefined;
@@ -857,20 +861,37 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
     ordered.push(p);
   }
   ctx.hook("before_complete");
-  let etag = await sink.completeUpload(
-    row.dest_key,
-    upload,
-    ordered.map((p) => ({ partNumber: p.partNumber, etag: p.etag })),
-    ctx.signal,
-  );
-  if (etag === "missing") {
-    // Completed by an earlier invocation that died before recording it, or gone for good.
+  // An earlier invocation may have completed this upload and died before recording it: S3 then
+  // answers NoSuchUpload (or, on some servers, a 500). Either way the object itself decides: the
+  // same size and our multipart ETag (or the same Storage version) means it is done.
+  const completedEarlier = async (): Promise<string | undefined> => {
     const head = await sink.head(row.dest_key, ctx.signal);
     const expectedEtags = new Set([multipartEtag(ordered.map((p) => p.md5)), md5].filter(Boolean));
     const sameSource = head?.metadata["supabase-version"] === (row.version ?? undefined) &&
       head?.metadata["supabase-id"] === (row.object_id ?? undefined);
-    if (head && head.size === size && (expectedEtags.has(head.etag) || sameSource)) {
-      etag = head.etag;
+    return head && head.size === size && (expectedEtags.has(head.etag) || sameSource)
+      ? head.etag
+      : undefined;
+  };
+  let etag: string;
+  try {
+    etag = await sink.completeUpload(
+      row.dest_key,
+      upload,
+      ordered.map((p) => ({ partNumber: p.partNumber, etag: p.etag })),
+      ctx.signal,
+    );
+  } catch (e) {
+    const done = await completedEarlier().catch(() => undefined);
+    if (done === undefined) throw e;
+    // If the upload is still open after all (the object was already there), do not leave it.
+    await sink.abortUpload(row.dest_key, upload);
+    etag = done;
+  }
+  if (etag === "missing") {
+    const done = await completedEarlier();
+    if (done !== undefined) {
+      etag = done;
     } else {
       await jobs.db(() =>
         jobs.resetUpload(sql, worker, row.id, upload, "lost", "S3 no longer knew the upload")

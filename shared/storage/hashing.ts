@@ -4,9 +4,15 @@
  * invocation; an object that spans invocations is hashed with these, and their state is stored in
  * the manifest with every part, so the next invocation continues the same SHA-256 and MD5.
  *
- * Both follow FIPS 180-4 and RFC 1321 and are checked against node:crypto in the unit tests.
+ * SHA-256 runs in WebAssembly (hash-wasm, whose hasher state can be saved): about 4x less CPU
+ * than the TypeScript implementation below, which remains for MD5 (already cheap in TypeScript)
+ * and to restore states saved by it. A state saved by another hash-wasm version is refused
+ * (`canRestore`), and the object is then hashed again from its first byte.
+ *
+ * All follow FIPS 180-4 and RFC 1321 and are checked against node:crypto in the unit tests.
  */
 import { createHash } from "node:crypto";
+import { createSHA256, type IHasher } from "hash-wasm";
 
 /** A streaming hash: the native one or a resumable one, same interface. */
 export interface StreamHash {
@@ -401,6 +407,78 @@ export class ResumableMd5 extends BlockHash {
     for (let i = 0; i < 4; i++) view.setUint32(i * 4, this.words[i], true);
     return out;
   }
+}
+
+/** The engine tag stored with a WebAssembly hash state: its layout belongs to this version. */
+export const WASM_ENGINE = "hash-wasm@4.13.0";
+
+/** Saved state of the WebAssembly SHA-256: hash-wasm's state bytes (base64) and total length. */
+export interface WasmHashState {
+  algorithm: "sha256";
+  engine: string;
+  state: string;
+  length: number;
+}
+
+/** What the manifest stores for a resumable SHA-256: either implementation's state. */
+export type SavedSha256 = HashState | WasmHashState;
+
+export class WasmSha256 implements StreamHash {
+  readonly #hasher: IHasher;
+  #length: number;
+
+  private constructor(hasher: IHasher, length: number) {
+    this.#hasher = hasher;
+    this.#length = length;
+  }
+
+  static async create(): Promise<WasmSha256> {
+    const h = await createSHA256();
+    h.init();
+    return new WasmSha256(h, 0);
+  }
+
+  static async restore(saved: WasmHashState): Promise<WasmSha256> {
+    if (saved.engine !== WASM_ENGINE) {
+      throw new Error(
+        `a SHA-256 state saved by ${saved.engine} cannot be restored by ${WASM_ENGINE}`,
+      );
+    }
+    const h = await createSHA256();
+    h.init();
+    h.load(fromBase64(saved.state));
+    return new WasmSha256(h, saved.length);
+  }
+
+  update(data: Uint8Array): void {
+    this.#hasher.update(data);
+    this.#length += data.length;
+  }
+
+  hex(): string {
+    return this.#hasher.digest("hex");
+  }
+
+  save(): WasmHashState {
+    return {
+      algorithm: "sha256",
+      engine: WASM_ENGINE,
+      state: toBase64(this.#hasher.save()),
+      length: this.#length,
+    };
+  }
+}
+
+/** Whether this build can continue a saved SHA-256 state. */
+export function canRestore(saved: SavedSha256): boolean {
+  return !("engine" in saved) || saved.engine === WASM_ENGINE;
+}
+
+/** Continues a saved SHA-256 with the implementation that saved it. */
+export async function restoreSha256(
+  saved: SavedSha256,
+): Promise<StreamHash & { save(): SavedSha256 }> {
+  return "engine" in saved ? await WasmSha256.restore(saved) : ResumableSha256.restore(saved);
 }
 
 export function restoreHash(state: HashState): ResumableSha256 | ResumableMd5 {

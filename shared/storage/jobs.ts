@@ -7,7 +7,7 @@
  */
 import type { Sql } from "../db/mod.ts";
 import { isConnectionError } from "../db/errors.ts";
-import type { HashState } from "./hashing.ts";
+import type { HashState, SavedSha256 } from "./hashing.ts";
 import { type ObjectFacts, type UserMetadataMode, userMetadataMode } from "./metadata.ts";
 import { addressProblem } from "./source.ts";
 
@@ -68,7 +68,7 @@ export interface ManifestRow {
 }
 
 export interface ResumeState {
-  sha256: HashState;
+  sha256: SavedSha256;
   md5?: HashState;
 }
 

@@ -174,10 +174,15 @@ Deno.test(`storage to S3 survives SIGKILL at ${TRIALS} seeded points (seed ${SEE
             }
             const v = await call(`/jobs/${jobId}/verify`, { download: true });
             assert.equal(v.status, 200, where);
+            const failed = await admin`
+            select name, error_code, last_error, attempts from storage_to_s3.objects
+            where job_id = ${jobId} and state = 'failed'`;
             assert.equal(
               v.body.all_verified,
               true,
-              `${where} (kills at ${killPoints}): ${JSON.stringify(v.body)}`,
+              `${where} (kills at ${killPoints}): ${JSON.stringify(v.body)} ${
+                JSON.stringify(failed)
+              }`,
             );
             assert.equal(v.body.verify.ok, corpus.length, where);
             const rows = await admin`

@@ -6,11 +6,15 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import {
+  canRestore,
   hexToBase64,
   multipartEtag,
   restoreHash,
+  restoreSha256,
   ResumableMd5,
   ResumableSha256,
+  WASM_ENGINE,
+  WasmSha256,
 } from "../../../shared/storage/hashing.ts";
 
 function bytes(n: number, seed = 1): Uint8Array {
@@ -62,6 +66,51 @@ Deno.test("a hash saved as JSON and restored mid-stream continues to the same di
     assert.equal(sha.hex(), ref("sha256", data));
     assert.equal(md5.hex(), ref("md5", data));
   }
+});
+
+Deno.test("the WebAssembly SHA-256, saved as JSON and restored at random points, equals node:crypto", async () => {
+  const data = bytes(3 * 1024 * 1024 + 77, 43);
+  for (let n = 0; n <= 130; n++) {
+    const h = await WasmSha256.create();
+    h.update(data.subarray(0, n));
+    assert.equal(h.hex(), ref("sha256", data.subarray(0, n)), `sha256 of ${n} bytes`);
+  }
+  let seed = 11;
+  const rand = (max: number) => {
+    seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+    return seed % max;
+  };
+  for (let trial = 0; trial < 10; trial++) {
+    let sha = await WasmSha256.create();
+    let off = 0;
+    while (off < data.length) {
+      const n = Math.min(data.length - off, 1 + rand(700_000));
+      sha.update(data.subarray(off, off + n));
+      off += n;
+      const saved = JSON.parse(JSON.stringify(sha.save()));
+      assert.equal(saved.engine, WASM_ENGINE);
+      assert.equal(saved.length, off);
+      sha = await WasmSha256.restore(saved);
+    }
+    assert.equal(sha.hex(), ref("sha256", data));
+  }
+});
+
+Deno.test("states of either SHA-256 implementation continue; another wasm version's is refused", async () => {
+  const data = bytes(200_000, 5);
+  const js = new ResumableSha256();
+  js.update(data.subarray(0, 70_001));
+  const fromJs = await restoreSha256(JSON.parse(JSON.stringify(js.save())));
+  fromJs.update(data.subarray(70_001));
+  assert.equal(fromJs.hex(), ref("sha256", data));
+
+  const wasm = await WasmSha256.create();
+  wasm.update(data.subarray(0, 99));
+  const saved = wasm.save();
+  assert.ok(canRestore(saved));
+  const other = { ...saved, engine: "hash-wasm@0.0.1" };
+  assert.equal(canRestore(other), false);
+  await assert.rejects(() => restoreSha256(other), /cannot be restored/);
 });
 
 Deno.test("a corrupt or foreign saved state is refused", () => {
