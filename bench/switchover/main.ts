@@ -38,6 +38,13 @@ const UPSTREAM = Number(Deno.env.get("BENCH_UPSTREAM") ?? 3);
 const LAGGED = Number(Deno.env.get("BENCH_LAGGED") ?? 0);
 const DELAY_MS = Number(Deno.env.get("BENCH_DELAY_MS") ?? 200);
 
+// A client of the load generator whose login through PgBouncer fails while it is being closed
+// can reject with nobody waiting; report it instead of losing the whole run.
+globalThis.addEventListener("unhandledrejection", (e) => {
+  e.preventDefault();
+  console.error(`  (load generator: ${e.reason instanceof Error ? e.reason.message : e.reason})`);
+});
+
 interface Result {
   gapMs: number;
   totalMs: number;

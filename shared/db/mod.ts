@@ -21,6 +21,14 @@ export interface SqlOptions {
   statementTimeoutMs?: number;
   /** For PgBouncer's admin console, which knows no types and no extended protocol. */
   adminConsole?: boolean;
+  /**
+   * Fetch array type oids after login (default true). postgres.js runs that query without anyone
+   * awaiting it, so when it fails (e.g. PgBouncer's "server login has been failing") the
+   * rejection is unhandled; clients that never read arrays can turn it off.
+   */
+  fetchTypes?: boolean;
+  /** Called whenever one of the pool's connections closes (idle, lifetime, error). */
+  onClose?: () => void;
 }
 
 /**
@@ -63,24 +71,73 @@ export function createSql(url: string, options: SqlOptions = {}): Sql {
     connect_timeout: options.connectTimeout ?? 5,
     idle_timeout: options.idleTimeout ?? 30,
     max_lifetime: 60 * 30,
-    fetch_types: !options.adminConsole,
+    fetch_types: !options.adminConsole && options.fetchTypes !== false,
     onnotice: () => {},
+    onclose: options.onClose,
     connection: options.adminConsole ? {} : connection,
   });
 }
 
-/** A client created on first use and closed with the app. */
+/**
+ * A pool that is replaced by a fresh one after any of its connections closed. postgres.js 3.4.9
+ * cancels a deferred socket write on close without forgetting it (`closed()`/`terminate()` call
+ * clearImmediate but leave `nextWriteTimer` set and the buffered bytes in place), so a connection
+ * that dropped while a write was pending never sends its next startup message: every reconnect
+ * ends in CONNECT_TIMEOUT until about 1 KB of startup messages has piled up, which then reaches
+ * the server as a protocol violation — measured as a 45-s outage of a client behind PgBouncer
+ * after an emergency failover. A closed connection must reconnect anyway, so handing out a new
+ * pool costs nothing. Whoever still holds the old pool can keep using it: it is ended only
+ * `retireSeconds` later (its idle connections are closed by idle_timeout long before).
+ */
+export function healingSql(
+  url: () => string,
+  options: SqlOptions,
+  retireSeconds = 300,
+): { get: () => Sql; close: () => Promise<void> } {
+  let client: Sql | undefined;
+  let tainted = false;
+  const retired = new Map<Sql, number>();
+  const make = (): Sql => {
+    tainted = false;
+    const made: Sql = createSql(url(), {
+      ...options,
+      onClose: () => {
+        if (client === made) tainted = true;
+        options.onClose?.();
+      },
+    });
+    return made;
+  };
+  return {
+    get: () => {
+      if (client && tainted) {
+        const old = client;
+        client = undefined;
+        retired.set(
+          old,
+          setTimeout(() => {
+            retired.delete(old);
+            old.end({ timeout: 5 }).catch(() => {});
+          }, retireSeconds * 1000),
+        );
+      }
+      return (client ??= make());
+    },
+    close: async () => {
+      const all = [...retired.keys()];
+      for (const t of retired.values()) clearTimeout(t);
+      retired.clear();
+      if (client) all.push(client);
+      client = undefined;
+      await Promise.all(all.map((c) => c.end({ timeout: 2 }).catch(() => {})));
+    },
+  };
+}
+
+/** A client created on first use, renewed after a dropped connection, closed with the app. */
 export function lazySql(
   url: () => string,
   options: SqlOptions,
 ): { get: () => Sql; close: () => Promise<void> } {
-  let client: Sql | undefined;
-  return {
-    get: () => (client ??= createSql(url(), options)),
-    close: async () => {
-      const c = client;
-      client = undefined;
-      await c?.end({ timeout: 2 });
-    },
-  };
+  return healingSql(url, options);
 }

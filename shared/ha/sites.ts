@@ -4,7 +4,7 @@
  * hold now come from each site's ha.state (the epoch decides). Each site has a small, reused pool
  * for probes (2 s connect timeout, short statement timeout) and one for operations.
  */
-import { createSql, type Sql } from "../db/mod.ts";
+import { healingSql, type Sql } from "../db/mod.ts";
 
 export type SiteName = "primary" | "standby";
 export const SITE_NAMES: SiteName[] = ["primary", "standby"];
@@ -33,9 +33,16 @@ export interface SiteClients {
   ops: Sql;
 }
 
+interface SiteHandles {
+  name: SiteName;
+  endpoint: SiteEndpoint;
+  probe: ReturnType<typeof healingSql>;
+  ops: ReturnType<typeof healingSql>;
+}
+
 export class Sites {
   readonly #urls: Record<SiteName, string>;
-  readonly #clients = new Map<SiteName, SiteClients>();
+  readonly #handles = new Map<SiteName, SiteHandles>();
   readonly #app: string;
 
   constructor(urls: Record<SiteName, string>, applicationName: string) {
@@ -43,14 +50,15 @@ export class Sites {
     this.#app = applicationName;
   }
 
+  /** The site's pools; a pool one of whose connections closed is replaced (see healingSql). */
   get(name: SiteName): SiteClients {
-    let c = this.#clients.get(name);
-    if (!c) {
+    let h = this.#handles.get(name);
+    if (!h) {
       const url = this.#urls[name];
-      c = {
+      h = {
         name,
         endpoint: endpointOf(url),
-        probe: createSql(url, {
+        probe: healingSql(() => url, {
           applicationName: this.#app,
           max: 2,
           // Under the probes' 1.8 s deadline, so a silent host fails the attempt by itself.
@@ -58,7 +66,7 @@ export class Sites {
           idleTimeout: 120,
           statementTimeoutMs: 1500,
         }),
-        ops: createSql(url, {
+        ops: healingSql(() => url, {
           applicationName: `${this.#app}-ops`,
           max: 2,
           connectTimeout: 5,
@@ -66,9 +74,9 @@ export class Sites {
           statementTimeoutMs: 30_000,
         }),
       };
-      this.#clients.set(name, c);
+      this.#handles.set(name, h);
     }
-    return c;
+    return { name, endpoint: h.endpoint, probe: h.probe.get(), ops: h.ops.get() };
   }
 
   other(name: SiteName): SiteName {
@@ -76,12 +84,10 @@ export class Sites {
   }
 
   async close(): Promise<void> {
-    const all = [...this.#clients.values()];
-    this.#clients.clear();
+    const all = [...this.#handles.values()];
+    this.#handles.clear();
     await Promise.all(
-      all.flatMap((c) => [c.probe.end({ timeout: 1 }), c.ops.end({ timeout: 1 })]).map((p) =>
-        p.catch(() => {})
-      ),
+      all.flatMap((h) => [h.probe.close(), h.ops.close()]).map((p) => p.catch(() => {})),
     );
   }
 }

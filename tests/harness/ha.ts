@@ -3,7 +3,7 @@
  * writers through PgBouncer that record every acknowledged commit, and follow an operation.
  */
 import { loadFailoverConfig } from "../../shared/config/mod.ts";
-import { createSql, type Sql } from "../../shared/db/mod.ts";
+import { healingSql, type Sql } from "../../shared/db/mod.ts";
 import { sleep } from "../../shared/ha/deadline.ts";
 import { HaRuntime } from "../../shared/ha/runtime.ts";
 import { setupReplication, type SetupReport } from "../../shared/ha/setup.ts";
@@ -100,7 +100,7 @@ export class Writers {
   duplicateKeyErrors = 0;
   #stop = false;
   #tasks: Promise<void>[] = [];
-  #clients: Sql[] = [];
+  #clients: ReturnType<typeof healingSql>[] = [];
   #lastAck = 0;
   #maxGap = 0;
   #maxGapAt = 0;
@@ -115,14 +115,17 @@ export class Writers {
 
   start(): void {
     for (let w = this.firstId; w < this.firstId + this.count; w++) {
-      const sql = createSql(this.url, {
+      // Like an application should with postgres.js 3.4.9: a fresh pool after a dropped
+      // connection (see healingSql), or a failover can leave the writer stalled for 45 s.
+      const handle = healingSql(() => this.url, {
         max: 1,
         applicationName: "sa-toolkit-test-writer",
         connectTimeout: 5,
+        fetchTypes: false,
       });
-      this.#clients.push(sql);
+      this.#clients.push(handle);
       this.acked.set(w, []);
-      this.#tasks.push(this.#run(w, sql));
+      this.#tasks.push(this.#run(w, handle));
     }
   }
 
@@ -131,11 +134,12 @@ export class Writers {
     this.#gapWindow = { from, to };
   }
 
-  async #run(writer: number, sql: Sql): Promise<void> {
+  async #run(writer: number, handle: ReturnType<typeof healingSql>): Promise<void> {
     let n = 1;
     while (!this.#stop) {
       try {
-        await sql`insert into public.ledger (writer, n) values (${writer}, ${n}) on conflict (writer, n) do nothing`;
+        await handle
+          .get()`insert into public.ledger (writer, n) values (${writer}, ${n}) on conflict (writer, n) do nothing`;
         const now = Date.now();
         if (this.#lastAck) {
           const gap = now - this.#lastAck;
@@ -177,7 +181,7 @@ export class Writers {
   async stop(): Promise<WriterStats> {
     this.#stop = true;
     await Promise.all(this.#tasks);
-    await Promise.all(this.#clients.map((c) => c.end({ timeout: 1 })));
+    await Promise.all(this.#clients.map((c) => c.close()));
     return {
       acked: this.total,
       errors: this.errors,
