@@ -396,8 +396,11 @@ begin
     where coalesce(s.temp_blks_written_delta, 0) > 0
     limit 3;
     v_findings := v_findings || jsonb_build_object(
-      -- On a disk whose cache absorbs the temp files the extra time shows as CPU, not as I/O waits.
-      'cause', 'temp_spill', 'wait_class', case when v_ss >= 0.1 then 'IO' else 'CPU' end,
+      -- The class where most of the spill's time went: on a disk whose cache absorbs the temp
+      -- files it shows as CPU (sorting through the page cache), not as BufFile waits.
+      'cause', 'temp_spill',
+      'wait_class', case when v_ss >= 0.1 and v_ss >= 0.5 * greatest(v_ss, round(v_cmp.temp_bytes_delta / 104857600.0, 1))
+                         then 'IO' else 'CPU' end,
       'impact_session_seconds', greatest(v_ss, round(v_cmp.temp_bytes_delta / 104857600.0, 1), 0.1),
       'basis', 'BufFile waits, or temp bytes at 100 MB/s (estimate)',
       'title', format('Queries spilled %s to %s temporary file(s)', v_cmp.temp_bytes_pretty, v_cmp.temp_files_delta),

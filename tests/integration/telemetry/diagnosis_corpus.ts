@@ -431,15 +431,19 @@ export async function runCorpus(
               named_by_findings: boolean;
             }[];
             if ((scenario.attribution ?? "top") === "top") {
-              const topClass = byClass[0].wait_class;
+              // Classes tied (at the reported 0.1 s precision) for the largest growth all count as top.
+              const top = byClass.filter((c) =>
+                c.delta_session_seconds === byClass[0].delta_session_seconds
+              ).map((c) => c.wait_class);
               assert.ok(
-                allowed.includes(topClass),
-                `attribution names ${topClass}: ${JSON.stringify(d.attribution)}`,
+                top.some((c) => allowed.includes(c)),
+                `attribution names ${top}: ${JSON.stringify(d.attribution)}`,
               );
-              assert.equal(
-                topClass,
-                d.findings[0].wait_class,
-                "the attribution's top class is the top finding's class",
+              assert.ok(
+                top.includes(d.findings[0].wait_class),
+                `the attribution's top class (${top}) is the top finding's class (${
+                  d.findings[0].wait_class
+                })`,
               );
             } else {
               assert.ok(
