@@ -111,7 +111,17 @@ await withStack(
     // Our function in its own process.
     const port = 20000 + Math.floor(Math.random() * 20000);
     const server = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", "--quiet", new URL("./serve.ts", import.meta.url).pathname, String(port)],
+      args: [
+        "run",
+        "-A",
+        "--quiet",
+        // BENCH_PROF=<file>: a V8 tick log of the function process (`node --prof-process <file>`).
+        ...(Deno.env.get("BENCH_PROF")
+          ? [`--v8-flags=--prof,--no-logfile-per-isolate,--logfile=${Deno.env.get("BENCH_PROF")}`]
+          : []),
+        new URL("./serve.ts", import.meta.url).pathname,
+        String(port),
+      ],
       env: stack.env() as Record<string, string>,
       stdout: "piped",
       stderr: "inherit",
@@ -143,7 +153,9 @@ await withStack(
 
     const ours = async (corpus: "small" | "large", round: number): Promise<Measure> => {
       const run = {
-        ...(corpus === "small" ? { concurrency: 16 } : { concurrency: 8, part_size_mib: 8 }),
+        ...(corpus === "small"
+          ? { concurrency: Number(Deno.env.get("BENCH_SMALL_CONCURRENCY") ?? 16) }
+          : { concurrency: 8, part_size_mib: 8 }),
         ...(UNBUDGETED
           ? { max_cpu_ms: 600_000, max_bytes: 1024 * 1024 * MiB, max_seconds: 300 }
           : {}),
@@ -261,6 +273,7 @@ await withStack(
     const results: Measure[] = [];
     for (let round = 0; round < ROUNDS; round++) {
       for (const corpus of ["small", "large"] as const) {
+        if ((corpus === "small" ? SMALL : LARGE) === 0) continue;
         const tools = [
           (c: typeof corpus, r: number) => ours(c, r),
           (c: typeof corpus, r: number) => rclone(c, r, "disk"),
@@ -279,6 +292,7 @@ await withStack(
 
     const rows: (string | number)[][] = [];
     for (const corpus of ["small", "large"] as const) {
+      if ((corpus === "small" ? SMALL : LARGE) === 0) continue;
       const o = results.filter((m) => m.corpus === corpus && m.tool === "ours");
       const r = results.filter((m) => m.corpus === corpus && m.tool === "rclone");
       const rh = results.filter((m) => m.corpus === corpus && m.tool === "rclone-http");
