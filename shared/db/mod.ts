@@ -41,10 +41,25 @@ export interface SqlOptions {
  * query reconnects). Exactly those two errors from postgres.js's nextWrite are swallowed; every
  * other uncaught error still ends the process.
  */
+/**
+ * After each login postgres.js runs a query for the array type oids inside an async function
+ * nobody awaits; when that query fails (the server went away, PgBouncer's "server login has been
+ * failing") the same error also reaches whoever's query started the connection, and the copy of it
+ * left over is an unhandled rejection that would end the worker. This recognises exactly that one.
+ */
+export function isOrphanTypeFetchFailure(reason: unknown): boolean {
+  const q = (reason as { query?: unknown } | null)?.query;
+  return reason instanceof Error && typeof q === "string" &&
+    /from pg_catalog\.pg_type a/.test(q) && /a\.typcategory = 'A'/.test(q) && /typarray/.test(q);
+}
+
 let guardInstalled = false;
 function installWriteRaceGuard(): void {
   if (guardInstalled || typeof globalThis.addEventListener !== "function") return;
   guardInstalled = true;
+  globalThis.addEventListener("unhandledrejection", (event) => {
+    if (isOrphanTypeFetchFailure((event as PromiseRejectionEvent).reason)) event.preventDefault();
+  });
   globalThis.addEventListener("error", (event) => {
     const e = (event as ErrorEvent).error;
     if (

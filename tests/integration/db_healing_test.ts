@@ -4,7 +4,7 @@
  * whoever still holds the old pool can keep using it until it is retired; close() ends them all.
  */
 import assert from "node:assert/strict";
-import { healingSql } from "../../shared/db/mod.ts";
+import { createSql, healingSql, isOrphanTypeFetchFailure } from "../../shared/db/mod.ts";
 import { waitFor, withStack } from "../harness/mod.ts";
 
 Deno.test("healingSql renews a pool whose connection dropped, without breaking its holders", async () => {
@@ -32,4 +32,41 @@ Deno.test("healingSql renews a pool whose connection dropped, without breaking i
       select count(*)::int as n from pg_stat_activity where application_name = 'healing-test'`;
     assert.equal(n, 0, "close() ended the current and the retired pool");
   });
+});
+
+Deno.test("a failed type fetch after login through PgBouncer is the caller's error, not a crash", async () => {
+  await withStack({ name: "db-orphan", primary: true, pgbouncer: true }, async (stack) => {
+    const url = stack.pgbouncer!.url();
+    const warm = createSql(url, { max: 1 });
+    await warm`select 1`; // PgBouncer now answers logins from its cached welcome
+    // A client waiting for a server gives up after 2 s instead of the harness's 60.
+    const admin = createSql(stack.pgbouncer!.adminUrl(), { max: 1, adminConsole: true });
+    await admin.unsafe("SET query_wait_timeout = 2").simple();
+    await admin.end();
+    await stack.primary!.stop("immediate");
+    const cold = createSql(url, { max: 1, connectTimeout: 3 });
+    try {
+      const err = await cold`select 1`.then(() => undefined, (e) => e);
+      assert.ok(err instanceof Error, "the query fails while the server is down");
+      // The same error also rejected postgres.js's own, unawaited type fetch; without the guard
+      // that rejection is unhandled and this test (like a worker) dies when it surfaces.
+      assert.ok(
+        isOrphanTypeFetchFailure(err),
+        `${err.message} / ${(err as { query?: string }).query}`,
+      );
+      await new Promise((r) => setTimeout(r, 300));
+    } finally {
+      await cold.end({ timeout: 1 });
+      await warm.end({ timeout: 1 });
+    }
+  });
+});
+
+Deno.test("only postgres.js's own type fetch counts as an orphan", () => {
+  assert.equal(isOrphanTypeFetchFailure(new Error("x")), false);
+  assert.equal(isOrphanTypeFetchFailure("select 1"), false);
+  assert.equal(
+    isOrphanTypeFetchFailure(Object.assign(new Error("x"), { query: "select * from pg_type" })),
+    false,
+  );
 });
