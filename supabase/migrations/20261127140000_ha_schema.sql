@@ -92,7 +92,7 @@ $$;
 
 -- Tables that replication covers by default: every table in the given schemas plus the named
 -- extra tables, never the toolkit's own schemas — except ha.markers, which carries the
--- switchover marker.
+-- switchover marker, and ha.heartbeat (next migration), which bounds an emergency's data loss.
 create or replace function ha.default_scope(
   p_schemas text[] default '{public}',
   p_extra_tables text[] default '{auth.users,auth.identities}'
@@ -113,6 +113,8 @@ as $$
     and (n.nspname = any(p_schemas) or format('%s.%s', n.nspname, c.relname) = any(p_extra_tables))
   union
   select 'ha', 'markers'
+  union
+  select 'ha', 'heartbeat'
   order by 1, 2;
 $$;
 

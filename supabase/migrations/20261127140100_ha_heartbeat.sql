@@ -13,31 +13,18 @@ create table if not exists ha.heartbeat (
 );
 revoke all on ha.heartbeat from public, anon, authenticated;
 
--- The heartbeat belongs in the publication's default scope.
-create or replace function ha.default_scope(
-  p_schemas text[] default '{public}',
-  p_extra_tables text[] default '{auth.users,auth.identities}'
-)
-returns table (schemaname text, tablename text)
-language sql
-stable
-security invoker
-set search_path = ''
-as $$
-  select n.nspname::text, c.relname::text
-  from pg_catalog.pg_class c
-  join pg_catalog.pg_namespace n on n.oid = c.relnamespace
-  where c.relkind in ('r', 'p')
-    and c.relpersistence = 'p'
-    and not c.relispartition
-    and n.nspname not in ('ha', 'telemetry', 'storage_to_s3', 'pg_catalog', 'information_schema')
-    and (n.nspname = any(p_schemas) or format('%s.%s', n.nspname, c.relname) = any(p_extra_tables))
-  union
-  select 'ha', 'markers'
-  union
-  select 'ha', 'heartbeat'
-  order by 1, 2;
-$$;
+-- At every heartbeat the acting primary also records how far its subscriber's slot is behind
+-- (bytes, and the walsender's replay lag) in ha.lag_history: local to each site (not published),
+-- a day kept; GET /health/dashboard charts its last hour.
+create table if not exists ha.lag_history (
+  at timestamptz not null,
+  site text not null,
+  lag_bytes bigint,
+  replay_lag_seconds double precision,
+  slot_active boolean
+);
+create index if not exists lag_history_at_idx on ha.lag_history (at);
+revoke all on ha.lag_history from public, anon, authenticated;
 
 create or replace function ha.beat()
 returns timestamptz
@@ -56,15 +43,25 @@ begin
   end if;
   insert into ha.heartbeat (site, epoch, beat_at) values (v_state.site, v_state.epoch, v_at)
   on conflict (site) do update set epoch = excluded.epoch, beat_at = excluded.beat_at;
-  -- pg_cron never trims its run log; keep an hour of ours.
-  if to_regclass('cron.job_run_details') is not null and extract(second from v_at) < 5 then
-    begin
-      delete from cron.job_run_details d
-      using cron.job j
-      where d.jobid = j.jobid and j.jobname = 'ha_heartbeat' and d.end_time < now() - interval '1 hour';
-    exception when insufficient_privilege then
-      null;
-    end;
+  insert into ha.lag_history (at, site, lag_bytes, replay_lag_seconds, slot_active)
+  select v_at, v_state.site,
+         greatest(0, pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), s.confirmed_flush_lsn))::bigint,
+         (select extract(epoch from r.replay_lag)::float8 from pg_catalog.pg_stat_replication r where r.pid = s.active_pid),
+         s.active
+  from pg_catalog.pg_replication_slots s
+  where s.slot_name = 'dr_subscription' and s.database = pg_catalog.current_database();
+  -- Housekeeping about once a minute: a day of lag history, an hour of our pg_cron run log.
+  if extract(second from v_at) < 5 then
+    delete from ha.lag_history where at < v_at - interval '1 day';
+    if to_regclass('cron.job_run_details') is not null then
+      begin
+        delete from cron.job_run_details d
+        using cron.job j
+        where d.jobid = j.jobid and j.jobname = 'ha_heartbeat' and d.end_time < now() - interval '1 hour';
+      exception when insufficient_privilege then
+        null;
+      end;
+    end if;
   end if;
   return v_at;
 end;

@@ -299,38 +299,21 @@ export async function startStack(
     if (options.versions?.length) await serverToolsDir(user);
     const settings = options.pgSettings;
     const creating: Promise<void>[] = [];
-    if (options.primary || options.pgbouncer) {
-      creating.push(
-        PgCluster.create({
-          name: "primary",
-          version: 15,
-          baseDir: dir,
-          user,
-          cron: true,
-          settings,
-          passwords: shared,
-        })
-          .then((c) => {
-            stack.primary = c;
-          }),
-      );
-    }
-    if (options.standby) {
-      creating.push(
-        PgCluster.create({
-          name: "standby",
-          version: 15,
-          baseDir: dir,
-          user,
-          cron: true,
-          settings,
-          passwords: shared,
-        })
-          .then((c) => {
-            stack.standby = c;
-          }),
-      );
-    }
+    // The HA pair: PostgreSQL 15 with pg_cron, as on Supabase (and one password when paired).
+    const pg15 = (name: "primary" | "standby") =>
+      PgCluster.create({
+        name,
+        version: 15,
+        baseDir: dir,
+        user,
+        cron: true,
+        settings,
+        passwords: shared,
+      }).then((c) => {
+        stack[name] = c;
+      });
+    if (options.primary || options.pgbouncer) creating.push(pg15("primary"));
+    if (options.standby) creating.push(pg15("standby"));
     for (const v of options.versions ?? []) {
       creating.push(
         PgCluster.create({ name: `pg${v}`, version: v, baseDir: dir, user, settings }).then((c) => {
