@@ -139,6 +139,23 @@ const FAULTS: Fault[] = [
         "insert into public.accounts (name) select repeat('x', 400) from generate_series(1, 60000);",
         { role: "postgres" },
       );
+      // The precondition itself: the slot is more than 16 MB behind before the request is made.
+      const src = s.primary!.sql("supabase_admin", { max: 1 });
+      try {
+        await waitFor(
+          "the slot to lag by more than 16 MB",
+          async () => {
+            const [{ lag }] = await src`
+            select coalesce(max(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)), 0)::float8 as lag
+            from pg_replication_slots where slot_name = 'dr_subscription'`;
+            return lag > 16 * 1024 * 1024;
+          },
+          10_000,
+          100,
+        );
+      } finally {
+        await src.end();
+      }
     },
     heal: async (s) => {
       const lock = lagLocks.get(s)!;
