@@ -10,11 +10,14 @@
  * Ours: the storage-to-s3 function in its own process (bench/storage/serve.ts), driven like pg_cron
  * would, back to back: POST /jobs, then POST /jobs/{id}/run until nothing remains, with the
  * shipped default budgets (60 s wall, 256 MiB, 1,500 ms CPU per invocation); source = the
- * stand-in over HTTP (Range, auth, per-object DB lookup), destination = s3rver.
+ * stand-in over HTTP (Range, auth, per-object DB lookup), destination = s3rver; the
+ * shipped defaults (32 objects at once, 4 of them multipart, 8 MiB parts); BENCH_SMALL_CONCURRENCY
+ * (default 32) sets the objects at once of both tools on the small corpus.
  * rclone (Debian 1.60): `rclone copy --checksum` from the stand-in's own files on local disk
  * (hard links laid out as <bucket>/<name>) into the same s3rver bucket — no HTTP hop on its
- * source side, so the comparison favours rclone. Small: --transfers 16 --checkers 16; large:
- * --transfers 4 --s3-upload-concurrency 4 --s3-chunk-size 8M.
+ * source side, so the comparison favours rclone — and `rclone copy` reading the stand-in over
+ * HTTP. Small: --transfers N --checkers N; large: --transfers 4 --s3-upload-concurrency 4
+ * --s3-chunk-size 8M.
  * Each round runs ours then rclone (then the reverse order in the next round), on fresh prefixes.
  */
 import { withStack } from "../../tests/harness/mod.ts";
@@ -26,6 +29,7 @@ const SMALL = Number(Deno.env.get("BENCH_SMALL") ?? 10_000);
 const LARGE = Number(Deno.env.get("BENCH_LARGE") ?? 4);
 const LARGE_MIB = Number(Deno.env.get("BENCH_LARGE_MIB") ?? 256);
 const ROUNDS = Number(Deno.env.get("BENCH_ROUNDS") ?? 2);
+const SMALL_CONCURRENCY = Number(Deno.env.get("BENCH_SMALL_CONCURRENCY") ?? 32);
 /** BENCH_BUDGET=unbounded: no CPU/byte budget per invocation (self-hosted); default: the shipped one. */
 const UNBUDGETED = Deno.env.get("BENCH_BUDGET") === "unbounded";
 
@@ -153,9 +157,7 @@ await withStack(
 
     const ours = async (corpus: "small" | "large", round: number): Promise<Measure> => {
       const run = {
-        ...(corpus === "small"
-          ? { concurrency: Number(Deno.env.get("BENCH_SMALL_CONCURRENCY") ?? 16) }
-          : { concurrency: 8, part_size_mib: 8 }),
+        ...(corpus === "small" ? { concurrency: SMALL_CONCURRENCY } : {}),
         ...(UNBUDGETED
           ? { max_cpu_ms: 600_000, max_bytes: 1024 * 1024 * MiB, max_seconds: 300 }
           : {}),
@@ -168,8 +170,18 @@ await withStack(
       let budgetCpu = 0;
       let maxChunkCpu = 0;
       for (;;) {
+        const sent = performance.now();
         const r = await post(`/jobs/${created.job_id}/run`, run);
         invocations++;
+        if (Deno.env.get("BENCH_VERBOSE")) {
+          // BENCH_VERBOSE=1: one line per invocation (where a run's wall time goes).
+          const c = r.chunk;
+          console.error(
+            `  #${invocations} ${fmt(performance.now() - sent, 0)} ms (in chunk ${c.elapsed_ms}), cpu ${c.cpu_ms} ms, ${
+              fmt(c.bytes_copied / MiB, 0)
+            } MiB, ${c.objects_copied} objects, ${c.stop_reason}`,
+          );
+        }
         budgetCpu += r.chunk.cpu_ms;
         maxChunkCpu = Math.max(maxChunkCpu, r.chunk.cpu_ms);
         if (r.progress.objects.remaining === 0) {
@@ -211,7 +223,7 @@ await withStack(
       source: "disk" | "http",
     ): Promise<Measure> => {
       const flags = corpus === "small"
-        ? ["--transfers", "16", "--checkers", "16"]
+        ? ["--transfers", String(SMALL_CONCURRENCY), "--checkers", String(SMALL_CONCURRENCY)]
         : ["--transfers", "4", "--s3-upload-concurrency", "4", "--s3-chunk-size", "8M"];
       const from = source === "disk" ? [`${src}/${corpus}`, "--checksum"] : [
         `:http:${corpus}/`,

@@ -39,7 +39,7 @@ export function threadCpuMeter(): CpuMeter {
  */
 export const ESTIMATED_CPU_MS_PER_OBJECT = 2;
 export const ESTIMATED_CPU_MS_PER_MIB_NATIVE = 12;
-export const ESTIMATED_CPU_MS_PER_MIB_RESUMABLE = 22;
+export const ESTIMATED_CPU_MS_PER_MIB_RESUMABLE = 12;
 
 export interface BudgetLimits {
   maxSeconds: number;

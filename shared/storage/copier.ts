@@ -31,11 +31,8 @@ import {
   hexToBase64,
   multipartEtag,
   nativeHash,
-  restoreSha256,
-  ResumableMd5,
-  type ResumableSha256,
+  ResumableHash,
   type StreamHash,
-  WasmSha256,
 } from "./hashing.ts";
 import * as jobs from "./jobs.ts";
 import { buildMetadata, systemHeader } from "./metadata.ts";
@@ -78,6 +75,9 @@ export interface RunLimits {
   maxBytes: number;
   maxCpuMs: number;
   concurrency: number;
+  /** Multipart objects in flight at once (each with up to PART_WINDOW parts); the other
+   * workers keep copying small objects meanwhile. */
+  multipartConcurrency: number;
   partSize: number;
   leaseSeconds: number;
   retryDelaySeconds: number;
@@ -88,7 +88,8 @@ export const DEFAULT_LIMITS: RunLimits = {
   maxSeconds: 60,
   maxBytes: 256 * MiB,
   maxCpuMs: 1500,
-  concurrency: 8,
+  concurrency: 32,
+  multipartConcurrency: 4,
   partSize: 8 * MiB,
   leaseSeconds: 180,
   retryDelaySeconds: 30,
@@ -278,6 +279,18 @@ export async function copyChunk(
   let leasing: Promise<void> | undefined;
   const batchSize = Math.min(256, Math.max(16, limits.concurrency * 4));
 
+  // Multipart objects hold up to PART_WINDOW part buffers each: at most multipartConcurrency of
+  // them run at once, while the other workers take the small objects of the queue.
+  let multipartActive = 0;
+  const slotWaiters: (() => void)[] = [];
+  const isMultipart = (row: jobs.ManifestRow) =>
+    row.upload_id !== null ||
+    row.size > (row.part_size ?? choosePartSize(row.size, limits.partSize));
+  const multipartDone = () => {
+    multipartActive--;
+    slotWaiters.shift()?.();
+  };
+
   const next = async (): Promise<Planned | undefined> => {
     for (;;) {
       if (stop) return undefined;
@@ -286,9 +299,19 @@ export async function copyChunk(
         stop = reason;
         return undefined;
       }
-      const row = queue.shift();
-      // Planned (and its bytes reserved) before any other worker looks at the budget again.
-      if (row) return planObject(ctx, row);
+      const slot = multipartActive < limits.multipartConcurrency;
+      const at = slot ? (queue.length ? 0 : -1) : queue.findIndex((r) => !isMultipart(r));
+      if (at >= 0) {
+        const [row] = queue.splice(at, 1);
+        if (isMultipart(row)) multipartActive++;
+        // Planned (and its bytes reserved) before any other worker looks at the budget again.
+        return planObject(ctx, row);
+      }
+      if (queue.length) {
+        // Only multipart objects are left and every slot is taken: wait for one.
+        await new Promise<void>((resolve) => slotWaiters.push(resolve));
+        continue;
+      }
       if (exhausted) return undefined;
       leasing ??= (async () => {
         try {
@@ -391,8 +414,12 @@ export async function copyChunk(
       } catch (e) {
         // Only the manifest writes outside handle's own catch can get here.
         stopAll("database_unavailable", e);
+      } finally {
+        if (row.mode !== "single") multipartDone();
       }
     }
+    // A worker that ends frees nothing, but waiters must see the stop (or the empty queue).
+    slotWaiters.splice(0).forEach((wake) => wake());
   });
   await Promise.all(workers);
   try {
@@ -455,8 +482,8 @@ interface Planned {
 function canResume(row: jobs.ManifestRow, partSize: number): boolean {
   const state = row.resume_state;
   return !!(row.upload_id && state && row.bytes_done > 0 && row.bytes_done < row.size &&
-    row.bytes_done % partSize === 0 && (!isPlainMd5(row.source_etag) || state.md5) &&
-    canRestore(state.sha256));
+    row.bytes_done % partSize === 0 && canRestore(state.sha256) &&
+    (!isPlainMd5(row.source_etag) || canRestore(state.md5)));
 }
 
 function planObject(ctx: Ctx, row: jobs.ManifestRow): Planned {
@@ -550,21 +577,19 @@ async function copySingle(ctx: Ctx, row: jobs.ManifestRow): Promise<Outcome> {
   }
 }
 
-interface Hashers {
-  sha: StreamHash & { save?: () => unknown };
-  md5?: StreamHash & { save?: () => unknown };
-  resumable: boolean;
-}
+type Hashers =
+  | { resumable: true; sha: ResumableHash; md5?: ResumableHash }
+  | { resumable: false; sha: StreamHash; md5: StreamHash };
 
 async function newHashers(resumable: boolean, withMd5: boolean): Promise<Hashers> {
   if (resumable) {
     return {
-      sha: await WasmSha256.create(),
-      md5: withMd5 ? new ResumableMd5() : undefined,
       resumable,
+      sha: await ResumableHash.create("sha256"),
+      md5: withMd5 ? await ResumableHash.create("md5") : undefined,
     };
   }
-  return { sha: nativeHash("sha256"), md5: nativeHash("md5"), resumable };
+  return { resumable, sha: nativeHash("sha256"), md5: nativeHash("md5") };
 }
 
 /** Aborts uploads an earlier invocation may have opened without recording their id. */
@@ -606,9 +631,9 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
   if (planned.mode === "resume" && state) {
     start = row.bytes_done;
     hashers = {
-      sha: await restoreSha256(state.sha256),
-      md5: state.md5 ? ResumableMd5.restore(state.md5) : undefined,
       resumable: true,
+      sha: await ResumableHash.restore(state.sha256, "sha256"),
+      md5: expectedMd5 && state.md5 ? await ResumableHash.restore(state.md5, "md5") : undefined,
     };
   } else {
     hashers = await newHashers(planned.mode === "resumable", expectedMd5 !== undefined);
@@ -765,8 +790,8 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
       hashedUpTo = n;
       const st: jobs.ResumeState | undefined = hashers.resumable
         ? {
-          sha256: (hashers.sha as WasmSha256 | ResumableSha256).save(),
-          md5: hashers.md5 ? (hashers.md5 as ResumableMd5).save() : undefined,
+          sha256: hashers.sha.save(),
+          md5: hashers.md5?.save(),
         }
         : undefined;
       bytesThisChunk += len;

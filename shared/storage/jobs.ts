@@ -7,7 +7,7 @@
  */
 import type { Sql } from "../db/mod.ts";
 import { isConnectionError } from "../db/errors.ts";
-import type { HashState, SavedSha256 } from "./hashing.ts";
+import type { SavedHash } from "./hashing.ts";
 import { type ObjectFacts, type UserMetadataMode, userMetadataMode } from "./metadata.ts";
 import { addressProblem } from "./source.ts";
 
@@ -68,8 +68,8 @@ export interface ManifestRow {
 }
 
 export interface ResumeState {
-  sha256: SavedSha256;
-  md5?: HashState;
+  sha256: SavedHash;
+  md5?: SavedHash;
 }
 
 export interface PartRow {

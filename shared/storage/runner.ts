@@ -42,6 +42,7 @@ export function resolveLimits(body: RunBody): RunLimits {
     maxBytes: body.max_bytes ?? DEFAULT_LIMITS.maxBytes,
     maxCpuMs: body.max_cpu_ms ?? DEFAULT_LIMITS.maxCpuMs,
     concurrency: body.concurrency ?? DEFAULT_LIMITS.concurrency,
+    multipartConcurrency: body.multipart_concurrency ?? DEFAULT_LIMITS.multipartConcurrency,
     partSize: (body.part_size_mib ?? DEFAULT_LIMITS.partSize / MiB) * MiB,
     leaseSeconds: body.lease_seconds ?? Math.ceil(maxSeconds) + 120,
     retryDelaySeconds: body.retry_delay_seconds ?? DEFAULT_LIMITS.retryDelaySeconds,

@@ -61,8 +61,10 @@ export const RunBody = z
       .describe("Bytes this chunk may copy (default 256 MiB)"),
     max_cpu_ms: z.number().int().min(50).max(600_000).optional()
       .describe("CPU budget of this chunk in ms (default 1500; the hosted limit is 2000)"),
-    concurrency: z.number().int().min(1).max(32).optional()
-      .describe("Objects copied at once (default 8)"),
+    concurrency: z.number().int().min(1).max(64).optional()
+      .describe("Objects copied at once (default 32)"),
+    multipart_concurrency: z.number().int().min(1).max(16).optional()
+      .describe("Of those, large objects copied part by part at once (default 4)"),
     part_size_mib: z.number().int().min(5).max(5120).optional()
       .describe("Multipart part size for uploads this chunk starts (default 8)"),
     lease_seconds: z.number().int().min(5).max(3600).optional()
