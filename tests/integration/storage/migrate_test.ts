@@ -319,6 +319,61 @@ Deno.test("storage to S3: plan, chunked copy, verify, idempotency, increments, o
 
       await stack.step(
         t,
+        "multipart objects run at most multipart_concurrency at a time while small ones go on",
+        async () => {
+          await st.createBucket("mixed");
+          await st.seed([
+            ...Array.from({ length: 3 }, (_, i) => ({
+              bucket: "mixed",
+              name: `big/${i}.bin`,
+              size: 3 * PART_MIB * MiB + 1000 * i,
+            })),
+            ...Array.from({ length: 60 }, (_, i) => ({
+              bucket: "mixed",
+              name: `small/${String(i).padStart(3, "0")}.bin`,
+              size: 500 + i * 37,
+            })),
+          ], { concurrency: 8 });
+          const created = await api.post("/jobs", { buckets: ["mixed"], s3_prefix: "mixed/" });
+          requests.log.length = 0;
+          const r = await api.post(`/jobs/${created.body.job_id}/run`, {
+            part_size_mib: PART_MIB,
+            concurrency: 6,
+            multipart_concurrency: 1,
+            max_seconds: 60,
+            max_bytes: 1024 * MiB,
+            max_cpu_ms: 600_000,
+          });
+          assert.equal(r.status, 200, JSON.stringify(r.body));
+          assert.equal(r.body.progress.objects.remaining, 0);
+          assert.equal(r.body.chunk.objects_copied, 63);
+          // In the order S3 saw them: never two uploads open at once, and small PUTs in between.
+          let open: string | undefined;
+          let putsWhileOpen = 0;
+          for (const w of writes()) {
+            if (w.command === "CreateMultipartUploadCommand") {
+              assert.equal(open, undefined, `${w.key} opened while ${open} was still open`);
+              open = w.key;
+            } else if (w.command === "CompleteMultipartUploadCommand") {
+              assert.equal(w.key, open);
+              open = undefined;
+            } else if (w.command === "PutObjectCommand" && open) {
+              putsWhileOpen++;
+            }
+          }
+          assert.equal(open, undefined);
+          assert.equal(
+            writes().filter((w) => w.command === "CompleteMultipartUploadCommand").length,
+            3,
+          );
+          assert.ok(putsWhileOpen > 0, "small objects were copied while a large one was");
+          const v = await api.post(`/jobs/${created.body.job_id}/verify`);
+          assert.equal(v.body.all_verified, true, JSON.stringify(v.body));
+        },
+      );
+
+      await stack.step(
+        t,
         "a dead invocation's leases block its objects until they expire; its late writes are fenced",
         async () => {
           await st.createBucket("leased");
