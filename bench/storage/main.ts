@@ -176,10 +176,13 @@ await withStack(
         if (Deno.env.get("BENCH_VERBOSE")) {
           // BENCH_VERBOSE=1: one line per invocation (where a run's wall time goes).
           const c = r.chunk;
+          const m = await (await fetch(`http://127.0.0.1:${port}/__bench/memory`)).json();
           console.error(
             `  #${invocations} ${fmt(performance.now() - sent, 0)} ms (in chunk ${c.elapsed_ms}), cpu ${c.cpu_ms} ms, ${
               fmt(c.bytes_copied / MiB, 0)
-            } MiB, ${c.objects_copied} objects, ${c.stop_reason}`,
+            } MiB, ${c.objects_copied} objects, ${c.stop_reason}; peak isolate ${
+              fmt(m.isolate_mib, 0)
+            } MiB (heap ${fmt(m.heap_mib, 0)})`,
           );
         }
         budgetCpu += r.chunk.cpu_ms;

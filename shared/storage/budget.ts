@@ -38,8 +38,8 @@ export function threadCpuMeter(): CpuMeter {
  * when CPU cannot be read, and to decide whether an object can be finished within this chunk.
  */
 export const ESTIMATED_CPU_MS_PER_OBJECT = 2;
-export const ESTIMATED_CPU_MS_PER_MIB_NATIVE = 12;
-export const ESTIMATED_CPU_MS_PER_MIB_RESUMABLE = 12;
+export const ESTIMATED_CPU_MS_PER_MIB_NATIVE = 10;
+export const ESTIMATED_CPU_MS_PER_MIB_RESUMABLE = 13;
 
 export interface BudgetLimits {
   maxSeconds: number;

@@ -162,6 +162,40 @@ export class ByteSemaphore {
   }
 }
 
+/**
+ * Part buffers of one chunk, reused from part to part: no zero-filled allocation per part, and
+ * the isolate's memory stays near what the byte semaphore admits instead of growing with garbage
+ * until the next collection. Holds at most `capacity` bytes of free buffers.
+ */
+export class BufferPool {
+  readonly capacity: number;
+  #free = new Map<number, Uint8Array[]>();
+  #pooled = 0;
+
+  constructor(capacity: number) {
+    this.capacity = capacity;
+  }
+
+  /** A buffer of exactly `size` bytes (contents undefined). */
+  take(size: number): Uint8Array {
+    const buf = this.#free.get(size)?.pop();
+    if (buf) {
+      this.#pooled -= size;
+      return buf;
+    }
+    return new Uint8Array(size);
+  }
+
+  /** Returns a buffer from `take`; the caller must not use it afterwards. */
+  give(buf: Uint8Array): void {
+    if (buf.byteLength === 0 || this.#pooled + buf.byteLength > this.capacity) return;
+    const list = this.#free.get(buf.byteLength) ?? [];
+    list.push(buf);
+    this.#free.set(buf.byteLength, list);
+    this.#pooled += buf.byteLength;
+  }
+}
+
 type Outcome =
   | { kind: "copied"; record: jobs.CopiedRecord; bytes: number }
   | { kind: "partial"; bytes: number }
@@ -174,6 +208,7 @@ interface Ctx {
   budget: ChunkBudget;
   worker: string;
   memory: ByteSemaphore;
+  pool: BufferPool;
   signal: AbortSignal;
   hook: (p: HookPoint) => void;
   stats: { resumes: number };
@@ -244,6 +279,7 @@ export async function copyChunk(
     budget,
     worker,
     memory,
+    pool: new BufferPool(memory.capacity),
     signal: abort.signal,
     hook,
     stats: { resumes: 0 },
@@ -711,6 +747,12 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
   let bytesThisChunk = 0;
   let resumes = 0;
 
+  // Full-size parts come from the chunk's pool and go back to it; an object's short last part
+  // is allocated to its size.
+  const freePart = (buf: Uint8Array) => {
+    ctx.memory.release(buf.length);
+    if (buf.length === partSize) ctx.pool.give(buf);
+  };
   const startRead = (n: number) => {
     const offset = (n - 1) * partSize;
     const len = Math.min(partSize, size - offset);
@@ -729,13 +771,13 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
         offset + len,
       );
       readers.add(reader);
+      const buf = len === partSize ? ctx.pool.take(len) : new Uint8Array(len);
       try {
-        const buf = new Uint8Array(len);
         await reader.fill(buf, () => ctx.hook("source_chunk"));
         resumes += reader.resumed;
         return buf;
       } catch (e) {
-        ctx.memory.release(len);
+        freePart(buf);
         throw e;
       } finally {
         readers.delete(reader);
@@ -798,7 +840,7 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
       const prior = parts.get(n);
       if (prior && prior.md5 === partMd5 && prior.sha256 === partSha && prior.size === len) {
         // Uploaded by an earlier attempt of this same upload: identical bytes, nothing to send.
-        ctx.memory.release(len);
+        freePart(buf);
         buffered--;
         await commit(prior, offset + len, st);
         continue;
@@ -828,7 +870,7 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
           parts.set(partNumber, rec);
           await commit(rec, offset + len, st);
         } finally {
-          ctx.memory.release(len);
+          freePart(buf);
           buffered--;
           readAhead();
         }
@@ -857,7 +899,7 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
     // Parts read ahead that will not be used in this chunk (budget, failure): stop them.
     for (const r of readers) await r.close();
     for (const [, task] of reads) {
-      await task.then((b) => ctx.memory.release(b.length), () => {});
+      await task.then(freePart, () => {});
     }
     if (hashers.resumable) {
       for (let n = hashedUpTo + 1; n < nextToRead; n++) {
