@@ -9,6 +9,9 @@
 --     request timeout is the chunk's wall budget plus a margin;
 --   * a finished job unschedules itself: refresh_status() calls unschedule() when the last object
 --     is done, and tick() does too if it ever finds the job finished;
+--   * run options of POST /jobs/{id}/run (concurrency, max_bytes, ...) can be stored with the
+--     schedule; they are checked here with the function's own bounds, so a bad value is refused
+--     when it is scheduled instead of failing every tick with a 400;
 --   * pg_cron, pg_net and Vault are optional at install time: without them this migration
 --     applies with a NOTICE and schedule() raises a clear error (drive /run from any scheduler).
 
@@ -20,6 +23,7 @@ create table if not exists storage_to_s3.schedules (
   cron_schedule text not null,
   secret_name text not null,
   max_seconds int not null,
+  run_options jsonb not null default '{}'::jsonb,
   created_at timestamptz not null default now(),
   last_tick_at timestamptz,
   last_request_id bigint,
@@ -75,12 +79,63 @@ begin
 end;
 $$;
 
+-- The options a schedule may carry, with their bounds (those of the function's RunBody).
+create or replace function storage_to_s3.check_run_options(p_options jsonb)
+returns jsonb
+language plpgsql
+immutable
+set search_path = ''
+as $$
+declare
+  v_key text;
+  v_value jsonb;
+  v_number numeric;
+  v_bounds constant jsonb := '{
+    "concurrency": [1, 64],
+    "multipart_concurrency": [1, 16],
+    "max_bytes": [1048576, 1099511627776],
+    "max_cpu_ms": [50, 600000],
+    "part_size_mib": [5, 5120],
+    "lease_seconds": [5, 3600],
+    "retry_delay_seconds": [0, 3600]
+  }'::jsonb;
+begin
+  if p_options is null then
+    return '{}'::jsonb;
+  end if;
+  if jsonb_typeof(p_options) <> 'object' then
+    raise exception 'run_options must be a JSON object, e.g. {"concurrency": 8}'
+      using errcode = 'invalid_parameter_value';
+  end if;
+  for v_key, v_value in select e.key, e.value from jsonb_each(p_options) e loop
+    if not v_bounds ? v_key then
+      raise exception 'run_options: unknown option "%" (known: %)', v_key,
+        (select string_agg(k, ', ' order by k) from jsonb_object_keys(v_bounds) k)
+        using errcode = 'invalid_parameter_value';
+    end if;
+    if jsonb_typeof(v_value) <> 'number' then
+      raise exception 'run_options: % must be a number', v_key using errcode = 'invalid_parameter_value';
+    end if;
+    v_number := v_value::text::numeric;
+    if v_number < (v_bounds -> v_key ->> 0)::numeric or v_number > (v_bounds -> v_key ->> 1)::numeric
+       or (v_key <> 'retry_delay_seconds' and v_number <> trunc(v_number)) then
+      raise exception 'run_options: % must be % from % to %', v_key,
+        case when v_key = 'retry_delay_seconds' then 'a number' else 'an integer' end,
+        v_bounds -> v_key ->> 0, v_bounds -> v_key ->> 1
+        using errcode = 'invalid_parameter_value';
+    end if;
+  end loop;
+  return p_options;
+end;
+$$;
+
 create or replace function storage_to_s3.schedule(
   p_job_id bigint,
   p_function_url text,
   p_every text default '1 minute',
   p_secret_name text default 'toolkit_api_token',
-  p_max_seconds int default 50
+  p_max_seconds int default 50,
+  p_run_options jsonb default '{}'::jsonb
 )
 returns storage_to_s3.schedules
 language plpgsql
@@ -93,6 +148,7 @@ declare
   v_cron_schedule text;
   v_name text := format('storage_to_s3_job_%s', p_job_id);
   v_secret_found boolean;
+  v_options jsonb;
   v_row storage_to_s3.schedules;
 begin
   select * into v_job from storage_to_s3.jobs j where j.id = p_job_id;
@@ -116,6 +172,7 @@ begin
   if p_secret_name is null or p_secret_name !~ '^[A-Za-z0-9_.-]{1,100}$' then
     raise exception 'secret_name must be 1-100 letters, digits, "_", "." or "-"' using errcode = 'invalid_parameter_value';
   end if;
+  v_options := storage_to_s3.check_run_options(p_run_options);
   v_cron_schedule := storage_to_s3.cron_schedule_for(p_every);
   if to_regnamespace('cron') is null then
     raise exception 'pg_cron is not installed: enable it (Database > Extensions > pg_cron), or call POST /storage-to-s3/jobs/%/run from another scheduler', p_job_id
@@ -136,11 +193,13 @@ begin
             hint = format('Store the function''s TOOLKIT_API_TOKEN first: select vault.create_secret(''<token>'', %L);', p_secret_name);
   end if;
   perform cron.schedule(v_name, v_cron_schedule, format('select storage_to_s3.tick(%s)', p_job_id));
-  insert into storage_to_s3.schedules as s (job_id, cron_job_name, function_url, every, cron_schedule, secret_name, max_seconds)
-  values (p_job_id, v_name, v_url, p_every, v_cron_schedule, p_secret_name, p_max_seconds)
+  insert into storage_to_s3.schedules as s
+    (job_id, cron_job_name, function_url, every, cron_schedule, secret_name, max_seconds, run_options)
+  values (p_job_id, v_name, v_url, p_every, v_cron_schedule, p_secret_name, p_max_seconds, v_options)
   on conflict (job_id) do update
     set function_url = excluded.function_url, every = excluded.every, cron_schedule = excluded.cron_schedule,
-        secret_name = excluded.secret_name, max_seconds = excluded.max_seconds
+        secret_name = excluded.secret_name, max_seconds = excluded.max_seconds,
+        run_options = excluded.run_options
   returning * into v_row;
   return v_row;
 end;
@@ -202,7 +261,7 @@ begin
   end if;
   v_request := net.http_post(
     url := v_schedule.function_url || '/jobs/' || p_job_id || '/run',
-    body := jsonb_build_object('max_seconds', v_schedule.max_seconds),
+    body := v_schedule.run_options || jsonb_build_object('max_seconds', v_schedule.max_seconds),
     params := '{}'::jsonb,
     headers := jsonb_build_object('Content-Type', 'application/json', 'Authorization', 'Bearer ' || v_token),
     timeout_milliseconds := (v_schedule.max_seconds + 30) * 1000
@@ -215,7 +274,8 @@ end;
 $$;
 
 revoke all on function storage_to_s3.cron_schedule_for(text) from public;
-revoke all on function storage_to_s3.schedule(bigint, text, text, text, int) from public;
+revoke all on function storage_to_s3.check_run_options(jsonb) from public;
+revoke all on function storage_to_s3.schedule(bigint, text, text, text, int, jsonb) from public;
 revoke all on function storage_to_s3.unschedule(bigint) from public;
 revoke all on function storage_to_s3.tick(bigint) from public;
 

@@ -10,6 +10,7 @@
 import assert from "node:assert/strict";
 import postgres from "postgres";
 import { REPO_ROOT, withStack } from "../../harness/mod.ts";
+import { RunBody } from "../../../shared/storage/schemas.ts";
 import { serveStorageFunction } from "./corpus.ts";
 
 // deno-lint-ignore no-explicit-any
@@ -82,8 +83,10 @@ Deno.test("storage_to_s3.schedule drives a job through pg_cron and pg_net", asyn
           assert.equal(jobs[0].active, true);
           command = jobs[0].command;
           const [again] =
-            await sql`select * from storage_to_s3.schedule(${jobId}, ${fnUrl}, '5 minutes', p_max_seconds => 40)`;
+            await sql`select * from storage_to_s3.schedule(${jobId}, ${fnUrl}, '5 minutes', p_max_seconds => 40,
+                      p_run_options => ${sql.json({ concurrency: 8, multipart_concurrency: 2 })})`;
           assert.equal(again.cron_schedule, "*/5 * * * *");
+          assert.deepEqual(again.run_options, { concurrency: 8, multipart_concurrency: 2 });
           jobs = await cronJobs();
           assert.equal(jobs.length, 1, "rescheduling updates the job in place");
           assert.equal(jobs[0].schedule, "*/5 * * * *");
@@ -132,6 +135,22 @@ Deno.test("storage_to_s3.schedule drives a job through pg_cron and pg_net", asyn
               () => sql`select storage_to_s3.schedule(${jobId}, ${fnUrl}, '1 minute', 'x', 1)`,
               /max_seconds/,
             ],
+            ...([
+              [[8], /must be a JSON object/],
+              [{ nope: 1 }, /unknown option "nope"/],
+              [{ concurrency: "8" }, /concurrency must be a number/],
+              [{ concurrency: 100 }, /concurrency must be an integer from 1 to 64/],
+              [{ max_cpu_ms: 12.5 }, /max_cpu_ms must be an integer/],
+              [{ part_size_mib: 4 }, /part_size_mib must be an integer from 5/],
+            ] as [unknown, RegExp][]).map(([options, message]) =>
+              [
+                () =>
+                  sql`select storage_to_s3.schedule(${jobId}, ${fnUrl}, '1 minute', p_run_options => ${
+                    sql.json(options as never)
+                  })`,
+                message,
+              ] as [() => Promise<unknown>, RegExp]
+            ),
           ];
           for (const [fn, message] of cases) {
             await assert.rejects(fn, message);
@@ -141,6 +160,42 @@ Deno.test("storage_to_s3.schedule drives a job through pg_cron and pg_net", asyn
             (e: { hint?: string }) => /vault\.create_secret/.test(e.hint ?? ""),
           );
           assert.equal(JSON.stringify(await cronJobs()), before);
+        },
+      );
+
+      await stack.step(
+        t,
+        "schedule() checks run options with the same bounds as the function",
+        async () => {
+          const bounds: Record<string, [number, number]> = {
+            concurrency: [1, 64],
+            multipart_concurrency: [1, 16],
+            max_bytes: [1024 * 1024, 1024 ** 4],
+            max_cpu_ms: [50, 600_000],
+            part_size_mib: [5, 5120],
+            lease_seconds: [5, 3600],
+            retry_delay_seconds: [0, 3600],
+          };
+          const sqlAccepts = async (o: Record<string, number>) => {
+            try {
+              await sql`select storage_to_s3.check_run_options(${sql.json(o)})`;
+              return true;
+            } catch {
+              return false;
+            }
+          };
+          for (const [key, [min, max]] of Object.entries(bounds)) {
+            for (const [value, ok] of [[min, true], [max, true], [min - 1, false], [max + 1, false]]) {
+              const o = { [key]: value as number };
+              assert.equal(RunBody.safeParse(o).success, ok, `the function on ${key}=${value}`);
+              assert.equal(await sqlAccepts(o), ok, `schedule() on ${key}=${value}`);
+            }
+          }
+          // Every option the function takes besides max_seconds (which has its own argument).
+          assert.deepEqual(
+            Object.keys(RunBody.shape).filter((k) => k !== "max_seconds").sort(),
+            Object.keys(bounds).sort(),
+          );
         },
       );
 
@@ -159,7 +214,11 @@ Deno.test("storage_to_s3.schedule drives a job through pg_cron and pg_net", asyn
             "Content-Type": "application/json",
             Authorization: `Bearer ${stack.tokens.api}`,
           });
-          assert.deepEqual(JSON.parse(new TextDecoder().decode(req.body)), { max_seconds: 40 });
+          assert.deepEqual(JSON.parse(new TextDecoder().decode(req.body)), {
+            max_seconds: 40,
+            concurrency: 8,
+            multipart_concurrency: 2,
+          });
           assert.equal(req.timeout_milliseconds, 70_000, "the chunk's budget plus a margin");
           const [s] =
             await sql`select ticks, last_request_id from storage_to_s3.schedules where job_id = ${jobId}`;
