@@ -181,7 +181,9 @@ await withStack(
           const m = await (await fetch(`http://127.0.0.1:${port}/__bench/memory`)).json();
           peakIsolate = Math.max(peakIsolate, m.isolate_mib);
           console.error(
-            `  #${invocations} ${fmt(performance.now() - sent, 0)} ms (in chunk ${c.elapsed_ms}), cpu ${c.cpu_ms} ms, ${
+            `  #${invocations} ${
+              fmt(performance.now() - sent, 0)
+            } ms (in chunk ${c.elapsed_ms}), cpu ${c.cpu_ms} ms, ${
               fmt(c.bytes_copied / MiB, 0)
             } MiB, ${c.objects_copied} objects, ${c.stop_reason}; peak isolate ${
               fmt(m.isolate_mib, 0)

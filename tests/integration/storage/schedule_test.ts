@@ -185,7 +185,9 @@ Deno.test("storage_to_s3.schedule drives a job through pg_cron and pg_net", asyn
             }
           };
           for (const [key, [min, max]] of Object.entries(bounds)) {
-            for (const [value, ok] of [[min, true], [max, true], [min - 1, false], [max + 1, false]]) {
+            for (
+              const [value, ok] of [[min, true], [max, true], [min - 1, false], [max + 1, false]]
+            ) {
               const o = { [key]: value as number };
               assert.equal(RunBody.safeParse(o).success, ok, `the function on ${key}=${value}`);
               assert.equal(await sqlAccepts(o), ok, `schedule() on ${key}=${value}`);
