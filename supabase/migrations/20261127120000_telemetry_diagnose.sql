@@ -397,9 +397,13 @@ begin
     limit 3;
     v_findings := v_findings || jsonb_build_object(
       -- The class where most of the spill's time went: on a disk whose cache absorbs the temp
-      -- files it shows as CPU (sorting through the page cache), not as BufFile waits.
+      -- files it shows as CPU (sorting through the page cache), not as BufFile waits. IO when
+      -- BufFile waits carry half of the estimate, or more than the CPU sampled in the window.
       'cause', 'temp_spill',
-      'wait_class', case when v_ss >= 0.1 and v_ss >= 0.5 * greatest(v_ss, round(v_cmp.temp_bytes_delta / 104857600.0, 1))
+      'wait_class', case when v_ss >= 0.1 and (v_ss >= 0.5 * greatest(v_ss, round(v_cmp.temp_bytes_delta / 104857600.0, 1))
+                                               or v_ss > (select coalesce(sum(c.session_seconds), 0)
+                                                          from jsonb_to_recordset(v_profile) as c(wait_class text, session_seconds numeric)
+                                                          where c.wait_class = 'CPU'))
                          then 'IO' else 'CPU' end,
       'impact_session_seconds', greatest(v_ss, round(v_cmp.temp_bytes_delta / 104857600.0, 1), 0.1),
       'basis', 'BufFile waits, or temp bytes at 100 MB/s (estimate)',
@@ -556,7 +560,14 @@ begin
   end if;
 
   -- Each finding: how much it explains here, and (with a baseline) how much more than there.
-  select coalesce(jsonb_agg(x.f || jsonb_build_object(
+  -- A temp spill's time shows as IO or as CPU depending on the page cache: with a baseline its
+  -- class is the one of the two that grew more.
+  select coalesce(jsonb_agg(x.f || case
+           when v_base is not null and x.f ->> 'cause' = 'temp_spill' then jsonb_build_object('wait_class',
+             case when coalesce((v_classes ->> 'IO')::numeric, 0) - coalesce((v_base_classes ->> 'IO')::numeric, 0)
+                       > coalesce((v_classes ->> 'CPU')::numeric, 0) - coalesce((v_base_classes ->> 'CPU')::numeric, 0)
+                  then 'IO' else 'CPU' end)
+           else '{}'::jsonb end || jsonb_build_object(
            'rank', x.rn,
            'impact_session_seconds', round(x.impact, 1),
            'share_of_load_pct', case when v_total > 0 then least(100, round(100 * x.impact / v_total, 1)) end,
