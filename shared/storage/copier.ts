@@ -358,6 +358,8 @@ export async function copyChunk(
           if (rows.length === 0) exhausted = true;
           for (const r of rows) leasedIds.add(r.id);
           queue.push(...rows);
+          // Workers waiting for a multipart slot may find small objects among the new rows.
+          if (rows.length) slotWaiters.splice(0).forEach((wake) => wake());
           if (rows.length) hook("leased");
         } catch (e) {
           stopAll("database_unavailable", e);
