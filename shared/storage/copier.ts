@@ -165,34 +165,30 @@ export class ByteSemaphore {
 /**
  * Part buffers of one chunk, reused from part to part: no zero-filled allocation per part, and
  * the isolate's memory stays near what the byte semaphore admits instead of growing with garbage
- * until the next collection. Holds at most `capacity` bytes of free buffers.
+ * until the next collection. Only buffers of the chunk's part size are kept (other sizes, such as
+ * an object's short last part, are allocated and dropped), at most `capacity` bytes of them.
  */
 export class BufferPool {
   readonly capacity: number;
-  #free = new Map<number, Uint8Array[]>();
-  #pooled = 0;
+  readonly size: number;
+  #free: Uint8Array[] = [];
 
-  constructor(capacity: number) {
+  constructor(capacity: number, size: number) {
     this.capacity = capacity;
+    this.size = size;
   }
 
-  /** A buffer of exactly `size` bytes (contents undefined). */
-  take(size: number): Uint8Array {
-    const buf = this.#free.get(size)?.pop();
-    if (buf) {
-      this.#pooled -= size;
-      return buf;
-    }
-    return new Uint8Array(size);
+  /** A buffer of exactly `length` bytes (contents undefined). */
+  take(length: number): Uint8Array {
+    return (length === this.size ? this.#free.pop() : undefined) ?? new Uint8Array(length);
   }
 
   /** Returns a buffer from `take`; the caller must not use it afterwards. */
   give(buf: Uint8Array): void {
-    if (buf.byteLength === 0 || this.#pooled + buf.byteLength > this.capacity) return;
-    const list = this.#free.get(buf.byteLength) ?? [];
-    list.push(buf);
-    this.#free.set(buf.byteLength, list);
-    this.#pooled += buf.byteLength;
+    if (
+      buf.byteLength === this.size && buf.byteOffset === 0 &&
+      buf.buffer.byteLength === this.size && (this.#free.length + 1) * this.size <= this.capacity
+    ) this.#free.push(buf);
   }
 }
 
@@ -280,7 +276,7 @@ export async function copyChunk(
     budget,
     worker,
     memory,
-    pool: new BufferPool(memory.capacity),
+    pool: new BufferPool(memory.capacity, choosePartSize(0, limits.partSize)),
     signal: abort.signal,
     hook,
     stats: { resumes: 0 },
@@ -320,9 +316,7 @@ export async function copyChunk(
   // them run at once, while the other workers take the small objects of the queue.
   let multipartActive = 0;
   const slotWaiters: (() => void)[] = [];
-  const isMultipart = (row: jobs.ManifestRow) =>
-    row.upload_id !== null ||
-    row.size > (row.part_size ?? choosePartSize(row.size, limits.partSize));
+  const isMultipart = (row: jobs.ManifestRow) => !isSinglePut(row, partSizeOf(row, limits));
   const multipartDone = () => {
     multipartActive--;
     slotWaiters.shift()?.();
@@ -344,11 +338,12 @@ export async function copyChunk(
         // Planned (and its bytes reserved) before any other worker looks at the budget again.
         return planObject(ctx, row);
       }
-      if (queue.length) {
-        // Only multipart objects are left and every slot is taken: wait for one.
+      if (queue.length && (exhausted || queue.length >= 2 * batchSize)) {
+        // Only multipart objects are queued and every slot is taken: wait for one.
         await new Promise<void>((resolve) => slotWaiters.push(resolve));
         continue;
       }
+      // An empty queue, or one of multipart objects only: lease more (small objects may follow).
       if (exhausted) return undefined;
       leasing ??= (async () => {
         try {
@@ -525,10 +520,20 @@ function canResume(row: jobs.ManifestRow, partSize: number): boolean {
     (!isPlainMd5(row.source_etag) || canRestore(state.md5)));
 }
 
+/** The part size an object is (or will be) uploaded with. */
+function partSizeOf(row: jobs.ManifestRow, limits: RunLimits): number {
+  return row.part_size ?? choosePartSize(row.size, limits.partSize);
+}
+
+/** One PutObject: fits one part and no multipart upload was ever started for it. */
+function isSinglePut(row: jobs.ManifestRow, partSize: number): boolean {
+  return row.size <= partSize && !row.upload_id;
+}
+
 function planObject(ctx: Ctx, row: jobs.ManifestRow): Planned {
   const { budget } = ctx;
-  const partSize = row.part_size ?? choosePartSize(row.size, ctx.limits.partSize);
-  if (row.size <= partSize && !row.upload_id) {
+  const partSize = partSizeOf(row, ctx.limits);
+  if (isSinglePut(row, partSize)) {
     budget.addBytes(row.size);
     return { row, partSize, mode: "single" };
   }
@@ -667,16 +672,24 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
   let hashers: Hashers;
 
   const state = row.resume_state;
+  let restored: Hashers | undefined;
   if (planned.mode === "resume" && state) {
-    start = row.bytes_done;
-    hashers = {
-      resumable: true,
-      sha: await ResumableHash.restore(state.sha256, "sha256"),
-      md5: expectedMd5 && state.md5 ? await ResumableHash.restore(state.md5, "md5") : undefined,
-    };
-  } else {
-    hashers = await newHashers(planned.mode === "resumable", expectedMd5 !== undefined);
+    try {
+      restored = {
+        resumable: true,
+        sha: await ResumableHash.restore(state.sha256, "sha256"),
+        md5: expectedMd5 && state.md5 ? await ResumableHash.restore(state.md5, "md5") : undefined,
+      };
+      start = row.bytes_done;
+    } catch (e) {
+      // A state this build cannot continue (corrupt, or another engine's under the same tag):
+      // read the object again from byte 0; parts already uploaded are skipped by their hashes.
+      ctx.deps.log.warn("resume_state_unusable", { object: row.id, error: errorText(e) });
+      await jobs.db(() => jobs.resetResume(sql, worker, row.id));
+    }
   }
+  hashers = restored ??
+    await newHashers(planned.mode !== "one_go", expectedMd5 !== undefined);
 
   if (!uploadId) {
     if (row.attempts > 1) await settleStrayIntents(ctx, row);
@@ -750,11 +763,9 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
   let bytesThisChunk = 0;
   let resumes = 0;
 
-  // Full-size parts come from the chunk's pool and go back to it; an object's short last part
-  // is allocated to its size.
   const freePart = (buf: Uint8Array) => {
     ctx.memory.release(buf.length);
-    if (buf.length === partSize) ctx.pool.give(buf);
+    ctx.pool.give(buf);
   };
   const startRead = (n: number) => {
     const offset = (n - 1) * partSize;
@@ -765,6 +776,13 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
     buffered++;
     const task = (async () => {
       await ctx.memory.acquire(len);
+      let buf: Uint8Array;
+      try {
+        buf = ctx.pool.take(len);
+      } catch (e) {
+        ctx.memory.release(len);
+        throw e;
+      }
       const reader = source.open(
         row.bucket_id,
         row.name,
@@ -774,7 +792,6 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
         offset + len,
       );
       readers.add(reader);
-      const buf = len === partSize ? ctx.pool.take(len) : new Uint8Array(len);
       try {
         await reader.fill(buf, () => ctx.hook("source_chunk"));
         resumes += reader.resumed;

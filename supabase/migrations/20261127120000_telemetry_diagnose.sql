@@ -561,9 +561,12 @@ begin
 
   -- Each finding: how much it explains here, and (with a baseline) how much more than there.
   -- A temp spill's time shows as IO or as CPU depending on the page cache: with a baseline its
-  -- class is the one of the two that grew more.
+  -- class is the one of the two that grew more (if either grew; else the window's own evidence).
   select coalesce(jsonb_agg(x.f || case
-           when v_base is not null and x.f ->> 'cause' = 'temp_spill' then jsonb_build_object('wait_class',
+           when v_base is not null and x.f ->> 'cause' = 'temp_spill'
+                and greatest(coalesce((v_classes ->> 'IO')::numeric, 0) - coalesce((v_base_classes ->> 'IO')::numeric, 0),
+                             coalesce((v_classes ->> 'CPU')::numeric, 0) - coalesce((v_base_classes ->> 'CPU')::numeric, 0)) > 0
+           then jsonb_build_object('wait_class',
              case when coalesce((v_classes ->> 'IO')::numeric, 0) - coalesce((v_base_classes ->> 'IO')::numeric, 0)
                        > coalesce((v_classes ->> 'CPU')::numeric, 0) - coalesce((v_base_classes ->> 'CPU')::numeric, 0)
                   then 'IO' else 'CPU' end)

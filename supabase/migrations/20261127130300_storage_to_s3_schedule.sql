@@ -10,8 +10,9 @@
 --   * a finished job unschedules itself: refresh_status() calls unschedule() when the last object
 --     is done, and tick() does too if it ever finds the job finished;
 --   * run options of POST /jobs/{id}/run (concurrency, max_bytes, ...) can be stored with the
---     schedule; they are checked here with the function's own bounds, so a bad value is refused
---     when it is scheduled instead of failing every tick with a 400;
+--     schedule (scheduling again without them keeps them); they are checked here with the
+--     function's own bounds, so a bad value is refused when it is scheduled instead of failing
+--     every tick with a 400;
 --   * pg_cron, pg_net and Vault are optional at install time: without them this migration
 --     applies with a NOTICE and schedule() raises a clear error (drive /run from any scheduler).
 
@@ -135,7 +136,7 @@ create or replace function storage_to_s3.schedule(
   p_every text default '1 minute',
   p_secret_name text default 'toolkit_api_token',
   p_max_seconds int default 50,
-  p_run_options jsonb default '{}'::jsonb
+  p_run_options jsonb default null
 )
 returns storage_to_s3.schedules
 language plpgsql
@@ -172,7 +173,8 @@ begin
   if p_secret_name is null or p_secret_name !~ '^[A-Za-z0-9_.-]{1,100}$' then
     raise exception 'secret_name must be 1-100 letters, digits, "_", "." or "-"' using errcode = 'invalid_parameter_value';
   end if;
-  v_options := storage_to_s3.check_run_options(p_run_options);
+  -- null (the default) keeps the options stored by an earlier schedule(); '{}' clears them.
+  v_options := case when p_run_options is not null then storage_to_s3.check_run_options(p_run_options) end;
   v_cron_schedule := storage_to_s3.cron_schedule_for(p_every);
   if to_regnamespace('cron') is null then
     raise exception 'pg_cron is not installed: enable it (Database > Extensions > pg_cron), or call POST /storage-to-s3/jobs/%/run from another scheduler', p_job_id
@@ -195,11 +197,11 @@ begin
   perform cron.schedule(v_name, v_cron_schedule, format('select storage_to_s3.tick(%s)', p_job_id));
   insert into storage_to_s3.schedules as s
     (job_id, cron_job_name, function_url, every, cron_schedule, secret_name, max_seconds, run_options)
-  values (p_job_id, v_name, v_url, p_every, v_cron_schedule, p_secret_name, p_max_seconds, v_options)
+  values (p_job_id, v_name, v_url, p_every, v_cron_schedule, p_secret_name, p_max_seconds, coalesce(v_options, '{}'::jsonb))
   on conflict (job_id) do update
     set function_url = excluded.function_url, every = excluded.every, cron_schedule = excluded.cron_schedule,
         secret_name = excluded.secret_name, max_seconds = excluded.max_seconds,
-        run_options = excluded.run_options
+        run_options = coalesce(v_options, s.run_options)
   returning * into v_row;
   return v_row;
 end;

@@ -132,9 +132,9 @@ const FAULTS: Fault[] = [
     inject: async (s) => {
       // The apply worker waits on a lock on the standby while ~25 MB of WAL piles up behind it.
       const lock = await s.standby!.sql("supabase_admin", { max: 1 }).reserve();
+      lagLocks.set(s, lock);
       await lock`begin`;
       await lock`lock table public.accounts in access exclusive mode`;
-      lagLocks.set(s, lock);
       await s.primary!.psql(
         "insert into public.accounts (name) select repeat('x', 400) from generate_series(1, 60000);",
         { role: "postgres" },
@@ -240,6 +240,7 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
         t,
         `guardrail: ${fault.name} → 412 ${fault.expect}, nothing changed`,
         async () => {
+          let failed = false;
           try {
             // Inside the try: a fault injected only in part is still healed, so one failed
             // case cannot leave (say) the apply worker locked for every step after it.
@@ -253,8 +254,17 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
             const failed = (r.body.details as { failed: string[] }).failed;
             assert.ok(failed.includes(fault.expect), `expected ${fault.expect} in ${failed}`);
             assert.equal(await haState(stack), before);
+          } catch (e) {
+            failed = true;
+            throw e;
           } finally {
-            await fault.heal(stack);
+            try {
+              await fault.heal(stack);
+            } catch (e) {
+              // After a failed step the heal may find its fault half-made; keep the first error.
+              if (!failed) throw e;
+              console.error(`heal after a failed step: ${e instanceof Error ? e.message : e}`);
+            }
           }
         },
       );

@@ -93,3 +93,12 @@ Deno.test("the multipart ETag is the MD5 of the binary part MD5s with the part c
   assert.equal(multipartEtag(parts), `${ref("md5", joined)}-2`);
   assert.equal(hexToBase64(ref("md5", b)), createHash("md5").update(b).digest("base64"));
 });
+
+Deno.test("the engine tag stored with hash states names the hash-wasm version the build imports", async () => {
+  // Bumping hash-wasm without the tag would let a state of one layout be loaded by another.
+  const url = new URL("../../../supabase/functions/deno.json", import.meta.url);
+  const spec = String(JSON.parse(await Deno.readTextFile(url)).imports["hash-wasm"]);
+  const version = /^npm:hash-wasm@([^/]+)$/.exec(spec)?.[1];
+  assert.ok(version, spec);
+  assert.equal(WASM_ENGINE, `hash-wasm@${version}`);
+});

@@ -374,6 +374,44 @@ Deno.test("storage to S3: plan, chunked copy, verify, idempotency, increments, o
 
       await stack.step(
         t,
+        "a stored hash state that cannot be restored restarts the read from byte 0, not a failure",
+        async () => {
+          await st.createBucket("unrestorable");
+          const [big] = await st.seed([
+            { bucket: "unrestorable", name: "big.bin", size: 3 * PART_MIB * MiB + 7 },
+          ]);
+          const created = await api.post("/jobs", {
+            buckets: ["unrestorable"],
+            s3_prefix: "unrestorable/",
+          });
+          const id = created.body.job_id;
+          const first = await api.post(`/jobs/${id}/run`, {
+            max_bytes: PART_MIB * MiB,
+            part_size_mib: PART_MIB,
+            retry_delay_seconds: 0,
+          });
+          assert.equal(first.status, 200, JSON.stringify(first.body));
+          const [mid] =
+            await sql`select bytes_done::float8 as done, resume_state from storage_to_s3.objects
+                                  where job_id = ${id}`;
+          assert.ok(mid.done > 0 && mid.resume_state, "the first chunk stopped part-way");
+          // Same engine tag, unusable bytes: as if hash-wasm changed its layout under one version.
+          await sql`update storage_to_s3.objects
+                    set resume_state = jsonb_set(resume_state, '{sha256,state}', '"AAAA"')
+                    where job_id = ${id}`;
+          const chunks = await api.runToEnd(id);
+          assert.equal(chunks.reduce((n, c) => n + c.objects_failed, 0), 0);
+          const [row] = await sql`select state, sha256, attempts from storage_to_s3.objects
+                                  where job_id = ${id}`;
+          assert.equal(row.state, "copied");
+          assert.equal(row.sha256, big.sha256, "the whole-object SHA-256 of the bytes");
+          const { sha256 } = await getObject(s3, bucket, "unrestorable/unrestorable/big.bin");
+          assert.equal(sha256, big.sha256);
+        },
+      );
+
+      await stack.step(
+        t,
         "a dead invocation's leases block its objects until they expire; its late writes are fenced",
         async () => {
           await st.createBucket("leased");

@@ -87,6 +87,9 @@ Deno.test("storage_to_s3.schedule drives a job through pg_cron and pg_net", asyn
                       p_run_options => ${sql.json({ concurrency: 8, multipart_concurrency: 2 })})`;
           assert.equal(again.cron_schedule, "*/5 * * * *");
           assert.deepEqual(again.run_options, { concurrency: 8, multipart_concurrency: 2 });
+          const [kept] =
+            await sql`select * from storage_to_s3.schedule(${jobId}, ${fnUrl}, '5 minutes', p_max_seconds => 40)`;
+          assert.deepEqual(kept.run_options, again.run_options, "scheduling again keeps them");
           jobs = await cronJobs();
           assert.equal(jobs.length, 1, "rescheduling updates the job in place");
           assert.equal(jobs[0].schedule, "*/5 * * * *");
