@@ -669,7 +669,6 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
   const expectedMd5 = isPlainMd5(row.source_etag);
   let uploadId = row.upload_id;
   let start = 0;
-  let hashers: Hashers;
 
   const state = row.resume_state;
   let restored: Hashers | undefined;
@@ -688,7 +687,7 @@ async function copyMultipart(ctx: Ctx, planned: Planned): Promise<Outcome> {
       await jobs.db(() => jobs.resetResume(sql, worker, row.id));
     }
   }
-  hashers = restored ??
+  const hashers: Hashers = restored ??
     await newHashers(planned.mode !== "one_go", expectedMd5 !== undefined);
 
   if (!uploadId) {

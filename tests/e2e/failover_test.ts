@@ -240,9 +240,9 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
         t,
         `guardrail: ${fault.name} → 412 ${fault.expect}, nothing changed`,
         async () => {
-          let failed = false;
+          let error: unknown;
           try {
-            // Inside the try: a fault injected only in part is still healed, so one failed
+            // Injected inside the try: a fault made only in part is still healed, so one failed
             // case cannot leave (say) the apply worker locked for every step after it.
             await fault.inject(stack);
             const before = await haState(stack);
@@ -255,17 +255,16 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
             assert.ok(failed.includes(fault.expect), `expected ${fault.expect} in ${failed}`);
             assert.equal(await haState(stack), before);
           } catch (e) {
-            failed = true;
-            throw e;
-          } finally {
-            try {
-              await fault.heal(stack);
-            } catch (e) {
-              // After a failed step the heal may find its fault half-made; keep the first error.
-              if (!failed) throw e;
-              console.error(`heal after a failed step: ${e instanceof Error ? e.message : e}`);
-            }
+            error = e;
           }
+          try {
+            await fault.heal(stack);
+          } catch (e) {
+            // After a failed step the heal may find its fault half-made: keep the first error.
+            if (error === undefined) throw e;
+            console.error(`heal after a failed step: ${e instanceof Error ? e.message : e}`);
+          }
+          if (error !== undefined) throw error;
         },
       );
     }
