@@ -135,8 +135,16 @@ const FAULTS: Fault[] = [
       lagLocks.set(s, lock);
       await lock`begin`;
       await lock`lock table public.accounts in access exclusive mode`;
+      // 60 transactions, not one: while a single large transaction is still being decoded, the
+      // subscriber's replies to keepalives move confirmed_flush_lsn into it, so the slot does
+      // not look behind. After the first small one blocks the apply worker, nothing confirms.
       await s.primary!.psql(
-        "insert into public.accounts (name) select repeat('x', 400) from generate_series(1, 60000);",
+        `do $$ begin
+           for i in 1..60 loop
+             insert into public.accounts (name) select repeat('x', 400) from generate_series(1, 1000);
+             commit;
+           end loop;
+         end $$;`,
         { role: "postgres" },
       );
       // The precondition itself: the slot is more than 16 MB behind before the request is made.
