@@ -9,10 +9,10 @@
  *
  * Ours: the storage-to-s3 function in its own process (bench/storage/serve.ts), driven like pg_cron
  * would, back to back: POST /jobs, then POST /jobs/{id}/run until nothing remains, with the
- * shipped default budgets (60 s wall, 256 MiB, 1,500 ms CPU per invocation); source = the
- * stand-in over HTTP (Range, auth, per-object DB lookup), destination = s3rver; the
- * shipped defaults (32 objects at once, 4 of them multipart, 8 MiB parts); BENCH_SMALL_CONCURRENCY
- * (default 32) sets the objects at once of both tools on the small corpus.
+ * shipped defaults (per invocation 60 s wall, 256 MiB, 1,500 ms CPU; 32 objects at once, 4 of
+ * them multipart, 8 MiB parts); source = the stand-in over HTTP (Range, auth, per-object DB
+ * lookup), destination = s3rver. BENCH_SMALL_CONCURRENCY (default 32) sets the objects at once of
+ * both tools on the small corpus.
  * rclone (Debian 1.60): `rclone copy --checksum` from the stand-in's own files on local disk
  * (hard links laid out as <bucket>/<name>) into the same s3rver bucket — no HTTP hop on its
  * source side, so the comparison favours rclone — and `rclone copy` reading the stand-in over
