@@ -129,6 +129,14 @@ export interface HaConfig extends BaseConfig {
   /** The Supabase project URL of each site, answered by GET /failover/active. */
   primarySupabaseUrl?: string;
   standbySupabaseUrl?: string;
+  /**
+   * The failover function deployed with each site (default: its project URL +
+   * /functions/v1/failover). A site's lease is renewed by the OTHER site's function.
+   */
+  primaryFailoverUrl?: string;
+  standbyFailoverUrl?: string;
+  /** Accepted by POST /failover/lease only; stored in each site's Vault by setup. */
+  leaseToken?: string;
 }
 
 export interface HealthConfig extends HaConfig {
@@ -188,8 +196,13 @@ function loadHa(env: Env, problems: ConfigProblem[]): HaConfig {
     supabaseUrl: read(env, "SUPABASE_URL", httpUrl, problems, false),
     primarySupabaseUrl: read(env, "PRIMARY_SUPABASE_URL", httpUrl, problems, false),
     standbySupabaseUrl: read(env, "STANDBY_SUPABASE_URL", httpUrl, problems, false),
+    leaseToken: read(env, "HA_LEASE_TOKEN", nonEmpty, [], false),
     problems,
   };
+  config.primaryFailoverUrl = read(env, "PRIMARY_FAILOVER_URL", httpUrl, problems, false) ??
+    (config.primarySupabaseUrl ? `${config.primarySupabaseUrl}/functions/v1/failover` : undefined);
+  config.standbyFailoverUrl = read(env, "STANDBY_FAILOVER_URL", httpUrl, problems, false) ??
+    (config.standbySupabaseUrl ? `${config.standbySupabaseUrl}/functions/v1/failover` : undefined);
   return config;
 }
 

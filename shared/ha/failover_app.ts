@@ -7,7 +7,16 @@ import { constantTimeEqual, isUsableToken } from "../http/auth.ts";
 import { HttpError } from "../http/errors.ts";
 import { addInfoRoute } from "../http/info.ts";
 import type { LogSink } from "../http/logger.ts";
-import { DEFAULT_LIMITS, FailoverMachine, type Limits, newOperation, plan } from "./failover.ts";
+import {
+  checkResume,
+  DEFAULT_LIMITS,
+  FailoverMachine,
+  type Faults,
+  type Limits,
+  newOperation,
+  plan,
+} from "./failover.ts";
+import { DEFAULT_LEASE, renewLease } from "./lease.ts";
 import {
   findOperation,
   type Operation,
@@ -26,7 +35,9 @@ export interface FailoverDeps extends HaRuntimeOptions {
   /** Lease length for a running operation (a crashed driver's operation is resumable after it). */
   leaseMs?: number;
   limits?: Partial<Limits>;
-  /** Test hook: the driver "dies" right after this step. */
+  /** Test hooks: where the driver "dies" or a step fails (see Faults). */
+  faults?: Faults;
+  /** Test hook, kept for older tests: the driver "dies" right after this step. */
   crashAfter?: string;
 }
 
@@ -45,12 +56,44 @@ export const FailbackBody = z.object({
   idempotency_key: IdempotencyKey.optional(),
 }).strict();
 export const OperationParams = z.object({ id: z.uuid() });
+const Ident = z.string().min(1).max(63).refine((v) => !v.includes("\u0000"), "no NUL characters");
+const TableName = z.union([
+  z.string().regex(
+    /^[a-z_][a-z0-9_]{0,62}\.[a-z_][a-z0-9_]{0,62}$/,
+    "schema.table with simple lowercase names (use {schema, table} for others)",
+  ).transform((v) => {
+    const [schema, table] = v.split(".");
+    return { schema, name: table };
+  }),
+  z.object({ schema: Ident, table: Ident }).strict().transform((v) => ({
+    schema: v.schema,
+    name: v.table,
+  })),
+]);
 export const SetupBody = z.object({
   dry_run: z.boolean().optional(),
   copy_data: z.boolean().optional(),
   schemas: z.array(z.string().regex(/^[a-z_][a-z0-9_]{0,62}$/)).min(1).max(20).optional(),
-  extra_tables: z.array(z.string().regex(/^[a-z_][a-z0-9_]{0,62}\.[a-z_][a-z0-9_]{0,62}$/)).max(200)
-    .optional(),
+  extra_tables: z.array(TableName).max(200).optional(),
+  lease: z.union([
+    z.literal(false),
+    z.object({
+      ttl_seconds: z.number().int().min(2).max(600).default(DEFAULT_LEASE.ttlSeconds!),
+      renew_seconds: z.number().int().min(1).max(59).default(DEFAULT_LEASE.renewSeconds),
+    }).strict(),
+  ]).optional().describe(
+    "The primary's write lease (default: 30 s, renewed every 5 s); false turns it off",
+  ),
+  lease_renewal: z.enum(["cron", "external"]).optional().describe(
+    "cron (pg_cron 1.5+ runs ha.lease_tick()) or external (your own scheduler does)",
+  ),
+}).strict();
+export const LeaseBody = z.object({
+  site: z.enum(["primary", "standby"]),
+  epoch: z.number().int().min(0).max(Number.MAX_SAFE_INTEGER),
+}).strict();
+export const AbandonBody = z.object({
+  reason: z.string().min(1).max(500).optional(),
 }).strict();
 export const RejoinBody = z.object({
   site: z.enum(["primary", "standby"]),
@@ -125,7 +168,7 @@ export function createFailoverApp(config: FailoverConfig, deps: FailoverDeps = {
       leaseMs,
       limits,
       log: app.log,
-      crashAfter: deps.crashAfter,
+      faults: deps.faults ?? (deps.crashAfter ? { crashAfter: deps.crashAfter } : undefined),
     });
     const p = machine.run().finally(() => background.delete(p));
     background.add(p);
@@ -148,11 +191,21 @@ export function createFailoverApp(config: FailoverConfig, deps: FailoverDeps = {
       ...extra,
     }, 202);
 
-  /** Re-invocation with an idempotency key or id: resume if the driver is gone, else report. */
+  /**
+   * Re-invocation with an idempotency key or id: resume if the driver is gone (after checking the
+   * pair is still where the operation left it), else report.
+   */
   const resumeOrReport = async (c: AppContext, store: OperationStore, op: Operation) => {
     if (op.state !== "running" && op.state !== "failed_closed") {
       return c.json(operationBody(op), 200);
     }
+    if (op.state === "running" && !op.leaseExpired && op.leaseOwner !== owner) {
+      return accepted(c, op, {
+        resumed: false,
+        note: "the operation is being driven by another invocation",
+      });
+    }
+    await checkResume(rt, op, limits);
     const claimed = await store.claim(op.id, owner, leaseMs);
     if (!claimed) {
       if (op.state === "running") {
@@ -200,7 +253,10 @@ export function createFailoverApp(config: FailoverConfig, deps: FailoverDeps = {
         operation_id: running.id,
       });
     }
-    const p = await plan(rt, kind, limits, c.get("log"));
+    // A POST may fence what it finds stale (a GET never does); then plan on that observation.
+    const obs = await rt.observe(2500);
+    if (!dryRun) await rt.fenceStalePrimaries(obs, c.get("log"));
+    const p = await plan(rt, kind, limits, c.get("log"), obs);
     if (dryRun) {
       return c.json({
         dry_run: true,
@@ -333,6 +389,62 @@ export function createFailoverApp(config: FailoverConfig, deps: FailoverDeps = {
   );
   app.route(
     {
+      method: "post",
+      path: "/operations/:id/abandon",
+      summary:
+        "Close an operation nobody drives (lease expired, or failed closed) without resuming it; undoes nothing",
+      params: OperationParams,
+      body: AbandonBody,
+      responses: {
+        200: { description: "Abandoned", schema: Any },
+        404: { description: "Unknown operation" },
+        409: { description: "It is being driven, or has already ended" },
+      },
+    },
+    ({ params, body }, c) =>
+      guard(async () => {
+        const found = await findOperation(rt.sites, { id: params.id });
+        if (!found) {
+          throw new HttpError(404, "not_found", "No operation with that id on a reachable site.");
+        }
+        const done = await found.store.abandon(
+          params.id,
+          `abandoned by an operator${body.reason ? `: ${body.reason}` : ""}`,
+        );
+        if (!done) {
+          throw new HttpError(
+            409,
+            "not_abandonable",
+            `Operation ${params.id} is ${found.op.state}${
+              found.op.state === "running" && !found.op.leaseExpired ? " and driven" : ""
+            }: only an undriven running or failed_closed operation can be abandoned.`,
+          );
+        }
+        return c.json(operationBody(done, await found.store.steps(done.id)));
+      }),
+  );
+  app.route(
+    {
+      method: "post",
+      path: "/lease",
+      summary:
+        "Renew the calling primary's write lease (HA_LEASE_TOKEN; called by ha.lease_tick() of the other region)",
+      auth: false,
+      authorize: (c) => requireLeaseToken(c, config),
+      body: LeaseBody,
+      responses: {
+        200: { description: "Granted (or the lease is off)", schema: Any },
+        409: {
+          description: "Refused: not the primary at the current epoch (a stale one is fenced)",
+        },
+        503: { description: "A site is unreachable, or HA_LEASE_TOKEN is not configured" },
+      },
+    },
+    ({ body }, c) =>
+      guard(async () => c.json(await renewLease(rt, body.site, body.epoch, c.get("log")))),
+  );
+  app.route(
+    {
       method: "get",
       path: "/checks",
       summary: "Evaluate every guardrail of a mode without changing anything",
@@ -373,6 +485,12 @@ export function createFailoverApp(config: FailoverConfig, deps: FailoverDeps = {
             copyData: body.copy_data,
             schemas: body.schemas,
             extraTables: body.extra_tables,
+            lease: body.lease === false
+              ? { ttlSeconds: null, renewSeconds: DEFAULT_LEASE.renewSeconds }
+              : body.lease
+              ? { ttlSeconds: body.lease.ttl_seconds, renewSeconds: body.lease.renew_seconds }
+              : undefined,
+            leaseRenewal: body.lease_renewal,
           }),
         )
       ),
@@ -426,15 +544,16 @@ export function createFailoverApp(config: FailoverConfig, deps: FailoverDeps = {
       summary:
         "Which site is primary now, its epoch and the project URL apps should use (FAILOVER_TOKEN or HEALTH_TOKEN)",
       auth: false,
+      authorize: (c) => requireEitherToken(c, config),
       responses: {
         200: { description: "The active site", schema: Any },
         503: { description: "No healthy primary" },
       },
     },
     async (_input, c) => {
-      await requireEitherToken(c, config);
       rt.requireSites();
-      const obs = await rt.observe(2000, c.get("log"));
+      // Shared like the probes: applications poll this, and it changes nothing.
+      const obs = await rt.observeShared(2000);
       const primary = obs.topology.primary;
       const urls = {
         primary: config.primarySupabaseUrl ?? null,
@@ -454,6 +573,19 @@ export function createFailoverApp(config: FailoverConfig, deps: FailoverDeps = {
     },
   );
   return app;
+}
+
+/** POST /failover/lease opens only with HA_LEASE_TOKEN (the one secret stored in the databases). */
+async function requireLeaseToken(c: AppContext, config: FailoverConfig): Promise<void> {
+  if (!isUsableToken(config.leaseToken)) {
+    throw new HttpError(503, "not_configured", "This route is not configured: set HA_LEASE_TOKEN.");
+  }
+  const presented = bearerToken(c.req.header("authorization"));
+  if (presented === undefined || !(await constantTimeEqual(presented, config.leaseToken))) {
+    throw new HttpError(401, "unauthorized", "A valid bearer token is required.", undefined, {
+      "WWW-Authenticate": 'Bearer realm="sa-toolkit"',
+    });
+  }
 }
 
 /** /failover/active is read-only: the failover token or the (read-only) health token opens it. */

@@ -2,17 +2,22 @@
  * The probes behind the `health` function. Each returns whether the thing is healthy and a
  * Patroni-style body (role, state, epoch, lag, reason). Bodies name sites ("primary", "standby"
  * as configured), never hosts or connection strings. Every dependency is read under a hard
- * deadline, so a dead one yields `healthy: false` with a reason instead of a hang.
+ * deadline, so a dead one yields `healthy: false` with a reason instead of a hang. Probes change
+ * nothing, and read through the runtime's shared cache (`rt.shared`, about 1 s): monitors polling
+ * a thousand times a second cost the databases what one poll does.
  */
 import type { Logger } from "../http/logger.ts";
 import { withDeadline } from "./deadline.ts";
+import { type GuardGap } from "./fence.ts";
 import {
+  type Heartbeat,
   heartbeatOf,
   type SlotStatus,
   slotStatus,
   type SubscriptionStatus,
   subscriptionStatus,
 } from "./replication.ts";
+import { siteGuardGaps } from "./setup.ts";
 import type { HaRuntime, Observation } from "./runtime.ts";
 import type { SiteName } from "./sites.ts";
 import { probeError, type SiteView } from "./state.ts";
@@ -28,13 +33,49 @@ function siteSummary(v: SiteView): Record<string, unknown> {
   return {
     site: v.name,
     state: v.reachable ? "running" : "unreachable",
-    role: v.state?.role ?? (v.reachable ? "unknown" : "unknown"),
+    role: v.state?.role ?? "unknown",
     epoch: v.state?.epoch ?? null,
     fenced: v.state?.fenced ?? false,
+    writable: v.fence?.writable ?? null,
+    ...(v.fence && !v.fence.writable && v.fence.reason ? { write_refused: v.fence.reason } : {}),
+    ...(v.fence?.leaseUntil ? { lease_until: v.fence.leaseUntil } : {}),
     in_recovery: v.inRecovery ?? null,
     read_only: v.readOnlyDefault ?? null,
     ...(v.error ? { error: v.error } : {}),
   };
+}
+
+/** Shared, deadline-bounded reads of one site (see the module comment). */
+function sharedRead<T>(
+  rt: HaRuntime,
+  key: string,
+  site: SiteName,
+  read: () => Promise<T>,
+): Promise<T> {
+  return rt.shared.get(
+    `${key}:${site}`,
+    () => withDeadline(read(), PROBE_DEADLINE_MS, `site ${site}`),
+  );
+}
+
+const readSubscription = (rt: HaRuntime, site: SiteName): Promise<SubscriptionStatus> =>
+  sharedRead(rt, "subscription", site, () => subscriptionStatus(rt.sites.get(site).probe));
+const readSlot = (rt: HaRuntime, site: SiteName, slot: string): Promise<SlotStatus> =>
+  sharedRead(rt, `slot:${slot}`, site, () => slotStatus(rt.sites.get(site).probe, slot));
+const readHeartbeat = (
+  rt: HaRuntime,
+  site: SiteName,
+  of: SiteName,
+): Promise<Heartbeat | undefined> =>
+  sharedRead(rt, `heartbeat:${of}`, site, () => heartbeatOf(rt.sites.get(site).probe, of));
+const readGuardGaps = (rt: HaRuntime, site: SiteName): Promise<GuardGap[]> =>
+  sharedRead(rt, "guard_gaps", site, () => siteGuardGaps(rt.sites.get(site).probe));
+
+function gapsReason(site: SiteName, gaps: GuardGap[]): string {
+  const shown = gaps.slice(0, 5).map((g) => `${g.table} (${g.problem})`).join(", ");
+  return `site ${site} has ${gaps.length} replicated table(s) without a working write guard: ${shown}${
+    gaps.length > 5 ? ", …" : ""
+  } — re-run POST /failover/setup`;
 }
 
 /** No site holds the role the probe asks about. */
@@ -70,7 +111,7 @@ export async function readiness(rt: HaRuntime, problems: string[]): Promise<Prob
       },
     };
   }
-  const obs = await rt.observe(PROBE_DEADLINE_MS);
+  const obs = await rt.observeShared(PROBE_DEADLINE_MS);
   const views = Object.values(obs.topology.sites);
   const readable = views.filter((v) => v.state);
   const healthy = readable.length > 0;
@@ -87,15 +128,17 @@ export async function readiness(rt: HaRuntime, problems: string[]): Promise<Prob
 }
 
 /**
- * The site is a writable primary: reachable, not in recovery, not read-only by default, not
- * fenced, role primary and holding the newest epoch (sites and router agree).
+ * The site is the writable primary: reachable, not in recovery, not read-only by default, role
+ * primary at the newest epoch (sites and router agree), its write guard lifted (the token is its
+ * own and its lease is running) and present on every replicated table. A site whose guard is
+ * lifted although another holds the newest epoch is reported as lifted out of turn.
  */
 export async function primary(
   rt: HaRuntime,
   site: SiteName | undefined,
-  log?: Logger,
+  _log?: Logger,
 ): Promise<ProbeResult> {
-  const obs = await rt.observe(PROBE_DEADLINE_MS, log);
+  const obs = await rt.observeShared(PROBE_DEADLINE_MS);
   const name = pickSite(obs, site, "primary");
   const base = { probe: "primary", epoch: obs.epoch };
   if (!name) {
@@ -105,16 +148,21 @@ export async function primary(
   }
   const v = obs.topology.sites[name];
   const body = { ...base, ...siteSummary(v) };
-  const reason = !v.reachable
+  const outOfTurn = v.fence?.writable && obs.topology.primary !== name;
+  let reason = !v.reachable
     ? `site ${name} is unreachable (${v.error})`
     : !v.state
     ? `site ${name} has no ha.state row (run the setup)`
+    : outOfTurn
+    ? `site ${name} accepts writes out of turn: it is not the primary at epoch ${obs.epoch}`
     : v.state.fenced
     ? `site ${name} is fenced (${v.state.fencedReason ?? "no reason recorded"})`
     : v.inRecovery
     ? `site ${name} is in recovery`
     : v.state.role !== "primary"
     ? `site ${name} has role ${v.state.role}`
+    : v.fence && !v.fence.writable
+    ? `site ${name} refuses writes: ${v.fence.reason}`
     : v.readOnlyDefault
     ? `site ${name} is read-only by default (frozen)`
     : obs.epoch !== null && v.state.epoch < obs.epoch
@@ -122,6 +170,11 @@ export async function primary(
     : obs.route?.target && obs.routedSite !== name
     ? `PgBouncer routes to ${obs.routedSite}, not to site ${name}`
     : undefined;
+  if (!reason) {
+    const gaps = await readGuardGaps(rt, name).catch((e) => e as Error);
+    if (gaps instanceof Error) reason = `site ${name}: ${probeError(gaps)}`;
+    else if (gaps.length) reason = gapsReason(name, gaps);
+  }
   return { healthy: reason === undefined, body: reason ? { ...body, reason } : body };
 }
 
@@ -166,9 +219,9 @@ export async function standby(
   rt: HaRuntime,
   site: SiteName | undefined,
   limits: StandbyLimits,
-  log?: Logger,
+  _log?: Logger,
 ): Promise<ProbeResult> {
-  const obs = await rt.observe(PROBE_DEADLINE_MS, log);
+  const obs = await rt.observeShared(PROBE_DEADLINE_MS);
   const name = pickSite(obs, site, "standby");
   const base = {
     probe: "standby",
@@ -185,17 +238,18 @@ export async function standby(
     return fail(`site ${name} is fenced (${v.state.fencedReason ?? "no reason recorded"})`);
   }
   if (v.state.role !== "standby") return fail(`site ${name} has role ${v.state.role}`);
+  if (v.fence?.writable) {
+    return fail(`site ${name} accepts application writes: its fence is lifted`);
+  }
 
   let sub: SubscriptionStatus;
+  let gaps: GuardGap[];
   try {
-    sub = await withDeadline(
-      subscriptionStatus(rt.sites.get(name).probe),
-      PROBE_DEADLINE_MS,
-      `site ${name}`,
-    );
+    [sub, gaps] = await Promise.all([readSubscription(rt, name), readGuardGaps(rt, name)]);
   } catch (e) {
     return fail(`site ${name}: ${probeError(e)}`);
   }
+  if (gaps.length) return fail(gapsReason(name, gaps));
   body.subscription = subscriptionBody(sub);
   if (!sub.exists) return fail("the subscription does not exist");
   if (!sub.enabled) return fail("the subscription is disabled");
@@ -213,12 +267,7 @@ export async function standby(
   }
   let slot: SlotStatus | undefined;
   if (pv.reachable && sub.slotName) {
-    slot = await withDeadline(
-      slotStatus(rt.sites.get(publisher).probe, sub.slotName),
-      PROBE_DEADLINE_MS,
-      `site ${publisher}`,
-    )
-      .catch(() => undefined);
+    slot = await readSlot(rt, publisher, sub.slotName).catch(() => undefined);
   }
   if (slot?.exists && slot.lagBytes !== null && slot.lagBytes !== undefined) {
     body.lag = { measured: "bytes", bytes: slot.lagBytes, seconds: slot.replayLagSeconds ?? null };
@@ -228,12 +277,7 @@ export async function standby(
   } else {
     // The primary cannot be asked: judge by the newest heartbeat the standby has applied (a bound
     // on what it has), or by the last message from the publisher.
-    const beat = await withDeadline(
-      heartbeatOf(rt.sites.get(name).probe, publisher),
-      PROBE_DEADLINE_MS,
-      `site ${name}`,
-    )
-      .catch(() => undefined);
+    const beat = await readHeartbeat(rt, name, publisher).catch(() => undefined);
     const stale = beat?.ageSeconds ?? sub.secondsSinceMessage;
     body.lag = {
       measured: beat ? "heartbeat" : "staleness",
@@ -267,26 +311,17 @@ function subscriptionBody(sub: SubscriptionStatus): Record<string, unknown> {
 }
 
 /** Always healthy: metrics for graphs, per direction of replication that exists. */
-export async function replication(rt: HaRuntime, log?: Logger): Promise<ProbeResult> {
-  const obs = await rt.observe(PROBE_DEADLINE_MS, log);
+export async function replication(rt: HaRuntime, _log?: Logger): Promise<ProbeResult> {
+  const obs = await rt.observeShared(PROBE_DEADLINE_MS);
   const streams: Record<string, unknown>[] = [];
   for (const subscriber of ["primary", "standby"] as SiteName[]) {
     const sv = obs.topology.sites[subscriber];
     if (!sv.reachable) continue;
-    const sub = await withDeadline(
-      subscriptionStatus(rt.sites.get(subscriber).probe),
-      PROBE_DEADLINE_MS,
-      subscriber,
-    )
-      .catch(() => undefined);
+    const sub = await readSubscription(rt, subscriber).catch(() => undefined);
     if (!sub?.exists) continue;
     const publisher = rt.sites.other(subscriber);
     const slot = obs.topology.sites[publisher].reachable && sub.slotName
-      ? await withDeadline(
-        slotStatus(rt.sites.get(publisher).probe, sub.slotName),
-        PROBE_DEADLINE_MS,
-        publisher,
-      ).catch(() => undefined)
+      ? await readSlot(rt, publisher, sub.slotName).catch(() => undefined)
       : undefined;
     streams.push({
       publisher,
@@ -322,8 +357,8 @@ function routeBody(obs: Observation): Record<string, unknown> {
 }
 
 /** PgBouncer answers, the routed database is not paused or disabled, and it points at the primary. */
-export async function pgbouncer(rt: HaRuntime, log?: Logger): Promise<ProbeResult> {
-  const obs = await rt.observe(PROBE_DEADLINE_MS, log);
+export async function pgbouncer(rt: HaRuntime, _log?: Logger): Promise<ProbeResult> {
+  const obs = await rt.observeShared(PROBE_DEADLINE_MS);
   const base = { probe: "pgbouncer", epoch: obs.epoch, primary: obs.topology.primary };
   if (!obs.route) {
     return {

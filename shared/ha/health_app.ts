@@ -1,7 +1,9 @@
 /** The `health` function: probes an external monitor can trust (Patroni-style bodies). */
 import { z } from "zod";
 import type { HealthConfig } from "../config/mod.ts";
-import { FunctionApp } from "../http/app.ts";
+import { type AppContext, FunctionApp } from "../http/app.ts";
+import { bearerToken, constantTimeEqual, isUsableToken } from "../http/auth.ts";
+import { HttpError } from "../http/errors.ts";
 import { addInfoRoute } from "../http/info.ts";
 import type { LogSink } from "../http/logger.ts";
 import { SELF_CONTAINED_CSP } from "../http/html.ts";
@@ -79,12 +81,8 @@ const probeResponses = {
 export function createHealthApp(config: HealthConfig, deps: HealthDeps = {}): FunctionApp {
   const app = new FunctionApp({
     name: "health",
-    auth: {
-      variable: "HEALTH_TOKEN",
-      token: config.healthToken,
-      allowQueryToken: true,
-      openWhenUnset: true,
-    },
+    // Unset or blank HEALTH_TOKEN: every route but /liveness answers 503 not_configured.
+    auth: { variable: "HEALTH_TOKEN", token: config.healthToken, allowQueryToken: true },
     logSink: deps.logSink,
   });
   const rt = new HaRuntime(config, "sa-toolkit/health", deps);
@@ -111,7 +109,8 @@ export function createHealthApp(config: HealthConfig, deps: HealthDeps = {}): Fu
     {
       method: "get",
       path: "/liveness",
-      summary: "The function process answers (no SQL)",
+      summary: "The function process answers (no SQL; open even without HEALTH_TOKEN)",
+      auth: false,
       query: TokenOnly,
       responses: { 200: { description: "Alive", schema: ProbeBody } },
     },
@@ -214,25 +213,108 @@ export function createHealthApp(config: HealthConfig, deps: HealthDeps = {}): Fu
       method: "get",
       path: "/dashboard",
       summary:
-        "Self-contained HTML status page: topology, lag over the last hour, recent failovers",
+        "Self-contained HTML status page: topology, lag over the last hour, recent failovers. Opened with ?token= once, it sets an HttpOnly cookie and redirects, so the page it refreshes carries no token",
+      auth: false,
       query: TokenOnly,
       responses: {
         200: { description: "HTML page", contentType: "text/html" },
+        303: { description: "Token accepted from the URL: the cookie is set, the URL cleaned" },
+        401: { description: "No valid token or cookie" },
         503: { description: "Not configured" },
       },
     },
-    async (_input, c) => {
+    async ({ query }, c) => {
+      const redirect = await dashboardAuth(c, config.healthToken, query.token);
+      if (redirect) return redirect;
       if (siteProblems().length) return send(unconfigured("dashboard"), c);
       const standby = await probes.standby(rt, undefined, {
         lagBytes: 16 * 1024 ** 2,
         maxStalenessSeconds: 60,
       }, c.get("log"));
-      const obs = await rt.observe(probes.PROBE_DEADLINE_MS, c.get("log"));
+      const obs = await rt.observeShared(probes.PROBE_DEADLINE_MS);
       const html = renderDashboard(await dashboardData(rt, standby, obs));
       c.header("content-security-policy", SELF_CONTAINED_CSP);
       c.header("cache-control", "no-store");
+      c.header("referrer-policy", "no-referrer");
       return c.html(html);
     },
   );
   return app;
+}
+
+const DASHBOARD_COOKIE = "sa_health_dashboard";
+
+/** The cookie value: an HMAC of the token, so the cookie is not the token and needs no state. */
+async function cookieValue(token: string): Promise<string> {
+  const key = await crypto.subtle.importKey(
+    "raw",
+    new TextEncoder().encode(token),
+    { name: "HMAC", hash: "SHA-256" },
+    false,
+    ["sign"],
+  );
+  const mac = await crypto.subtle.sign(
+    "HMAC",
+    key,
+    new TextEncoder().encode("health-dashboard/v1"),
+  );
+  return Array.from(new Uint8Array(mac), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+function readCookie(header: string | undefined, name: string): string | undefined {
+  for (const part of (header ?? "").split(";")) {
+    const [k, ...v] = part.trim().split("=");
+    if (k === name) return v.join("=");
+  }
+  return undefined;
+}
+
+/**
+ * The dashboard accepts the bearer header, its cookie, or `?token=` — which it swaps for the
+ * cookie with a 303 to the same path without the query, so neither the meta refresh nor the
+ * browser history holds the token. Returns the redirect, or undefined when the request may go on.
+ */
+async function dashboardAuth(
+  c: AppContext,
+  token: string | undefined,
+  fromQuery: string | undefined,
+): Promise<Response | undefined> {
+  if (!isUsableToken(token)) {
+    throw new HttpError(
+      503,
+      "not_configured",
+      "This function is not configured: set HEALTH_TOKEN.",
+    );
+  }
+  const unauthorized = () =>
+    new HttpError(401, "unauthorized", "A valid bearer token is required.", undefined, {
+      "WWW-Authenticate": 'Bearer realm="sa-toolkit"',
+    });
+  const header = bearerToken(c.req.header("authorization"));
+  if (header !== undefined) {
+    if (!(await constantTimeEqual(header, token))) throw unauthorized();
+    return undefined;
+  }
+  const expected = await cookieValue(token);
+  if (fromQuery !== undefined) {
+    if (!(await constantTimeEqual(fromQuery, token))) throw unauthorized();
+    const url = new URL(c.req.url);
+    const secure = url.protocol === "https:" || c.req.header("x-forwarded-proto") === "https";
+    return new Response(null, {
+      status: 303,
+      headers: {
+        // Relative: resolves to the same path without the query, behind any gateway prefix.
+        location: "dashboard",
+        "set-cookie":
+          `${DASHBOARD_COOKIE}=${expected}; Max-Age=43200; Path=/; HttpOnly; SameSite=Strict${
+            secure ? "; Secure" : ""
+          }`,
+        "cache-control": "no-store",
+        "referrer-policy": "no-referrer",
+      },
+    });
+  }
+  const cookie = readCookie(c.req.header("cookie"), DASHBOARD_COOKIE);
+  if (cookie === undefined || !(await constantTimeEqual(cookie, expected))) throw unauthorized();
+  return undefined;
 }

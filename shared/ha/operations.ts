@@ -11,7 +11,13 @@ import { withDeadline } from "./deadline.ts";
 import type { SiteName, Sites } from "./sites.ts";
 
 export type OperationKind = "switchover" | "emergency" | "failback";
-export type OperationState = "running" | "succeeded" | "rolled_back" | "failed_closed" | "failed";
+export type OperationState =
+  | "running"
+  | "succeeded"
+  | "rolled_back"
+  | "failed_closed"
+  | "failed"
+  | "abandoned";
 
 export interface Operation {
   id: string;
@@ -249,6 +255,32 @@ export class OperationStore {
     );
   }
 
+  /**
+   * Closes an operation nobody drives (finished-with-failure or lease expired) as abandoned;
+   * undefined when it is driven or already ended. Nothing it did is undone by this.
+   */
+  async abandon(id: string, reason: string): Promise<Operation | undefined> {
+    const rows = await this.sql.begin("read write", async (tx) => {
+      const done = await tx.unsafe(
+        `update ha.operations
+            set state = 'abandoned', error = $2, finished_at = now(), lease_owner = null,
+                lease_expires_at = null, updated_at = now()
+          where id = $1 and state in ('running', 'failed_closed')
+            and (lease_owner is null or lease_expires_at < now())
+          returning ${COLUMNS}`,
+        [id, reason],
+      );
+      if (done.length) {
+        await tx`insert into ha.operation_steps (operation_id, step, outcome, details)
+                 values (${id}, ${done[0].step}, 'info', ${
+          tx.json({ abandoned: reason } as never)
+        })`;
+      }
+      return done;
+    });
+    return rows.length ? toOperation(rows[0], this.site) : undefined;
+  }
+
   async steps(id: string): Promise<StepRecord[]> {
     const rows = await this
       .sql`select step, outcome, details, at from ha.operation_steps where operation_id = ${id} order by id`;
@@ -262,8 +294,8 @@ export class OperationStore {
 }
 
 export class LeaseLost extends Error {
-  constructor(id: string) {
-    super(`operation ${id}: the lease was taken over by another invocation`);
+  constructor(id: string, why = "the lease was taken over by another invocation") {
+    super(`operation ${id}: ${why}`);
     this.name = "LeaseLost";
   }
 }

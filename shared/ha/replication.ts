@@ -1,13 +1,63 @@
 /**
  * Inspecting and setting up the native logical replication between the sites: publication on the
  * publishing side, subscription on the subscribing side, lag, slot health, identity and schema
- * checks. Names default to dr_publication / dr_subscription.
+ * checks. Names default to dr_publication / dr_subscription. Tables are (schema, name) pairs
+ * everywhere: a table may be called "a.b", so no name is ever split on a dot.
  */
 import type { Sql } from "../db/mod.ts";
 
-/** "schema.table" quoted as an identifier pair. */
-export function quoteQualified(name: string): string {
-  return name.split(".").map((p) => `"${p.replaceAll('"', '""')}"`).join(".");
+export interface TableRef {
+  schema: string;
+  name: string;
+}
+
+/** What setup replicates: every table of these schemas plus these tables (persisted in ha.state). */
+export interface Scope {
+  schemas: string[];
+  tables: [string, string][];
+}
+
+export const DEFAULT_SCOPE: Scope = {
+  schemas: ["public"],
+  tables: [["auth", "users"], ["auth", "identities"]],
+};
+
+/** The toolkit's own tables that replicate with the application's (never guarded). */
+export const TOOLKIT_TABLES: TableRef[] = [
+  { schema: "ha", name: "heartbeat" },
+  { schema: "ha", name: "markers" },
+];
+
+function quoteIdent(part: string): string {
+  return `"${part.replaceAll('"', '""')}"`;
+}
+
+/** `"schema"."name"` for SQL. */
+export function qualified(t: TableRef): string {
+  return `${quoteIdent(t.schema)}.${quoteIdent(t.name)}`;
+}
+
+/** `schema.name` for people, quoting a part only when PostgreSQL would (as format('%I.%I')). */
+export function tableLabel(t: TableRef): string {
+  const q = (p: string) => (/^[a-z_][a-z0-9_$]*$/.test(p) ? p : quoteIdent(p));
+  return `${q(t.schema)}.${q(t.name)}`;
+}
+
+export function sameTable(a: TableRef, b: TableRef): boolean {
+  return a.schema === b.schema && a.name === b.name;
+}
+
+export function isToolkitTable(t: TableRef): boolean {
+  return TOOLKIT_TABLES.some((x) => sameTable(x, t));
+}
+
+/** The two parallel arrays the ha.* SQL functions take. */
+export function pairs(tables: TableRef[]): [string[], string[]] {
+  return [tables.map((t) => t.schema), tables.map((t) => t.name)];
+}
+
+function toRefs(rows: Record<string, unknown>[]): TableRef[] {
+  return rows.map((r) => ({ schema: String(r.schemaname), name: String(r.tablename) }));
 }
 
 export const PUBLICATION = "dr_publication";
@@ -91,10 +141,39 @@ export async function slotStatus(sql: Sql, slot: string): Promise<SlotStatus> {
   };
 }
 
-export async function publicationTables(sql: Sql, publication = PUBLICATION): Promise<string[]> {
-  const rows =
-    await sql`select schemaname || '.' || tablename as t from pg_publication_tables where pubname = ${publication} order by 1`;
-  return rows.map((r) => r.t);
+export async function publicationTables(
+  sql: Sql,
+  publication = PUBLICATION,
+): Promise<TableRef[]> {
+  return toRefs(
+    await sql`select schemaname, tablename from pg_publication_tables where pubname = ${publication}
+              order by 1, 2`,
+  );
+}
+
+/**
+ * The relations added to the publication (a partitioned table is a member itself, while
+ * pg_publication_tables lists its partitions).
+ */
+export async function publicationMembers(
+  sql: Sql,
+  publication = PUBLICATION,
+): Promise<TableRef[]> {
+  return toRefs(
+    await sql`select n.nspname as schemaname, c.relname as tablename
+              from pg_publication_rel r
+              join pg_publication p on p.oid = r.prpubid
+              join pg_class c on c.oid = r.prrelid
+              join pg_namespace n on n.oid = c.relnamespace
+              where p.pubname = ${publication} order by 1, 2`,
+  );
+}
+
+/** The application tables of a scope on this site (the tables to publish and to guard). */
+export async function scopeTables(sql: Sql, scope: Scope): Promise<TableRef[]> {
+  return toRefs(
+    await sql`select schemaname, tablename from ha.scope_tables(${sql.json(scope as never)})`,
+  );
 }
 
 export async function publicationExists(sql: Sql, publication = PUBLICATION): Promise<boolean> {
@@ -108,75 +187,113 @@ export async function replicaIdentityProblems(
 ): Promise<Record<string, string>[]> {
   const rows = await sql`select * from ha.replica_identity_problems(${publication})`;
   return rows.map((r) => ({
-    table: `${r.schemaname}.${r.tablename}`,
+    table: tableLabel({ schema: r.schemaname, name: r.tablename }),
     replica_identity: r.replica_identity,
     problem: r.problem,
   }));
 }
 
+/** Shape fingerprints; `detail` maps tableLabel to a per-table hash. */
 export async function schemaFingerprint(
   sql: Sql,
-  tables: string[],
+  tables: TableRef[],
 ): Promise<{ fingerprint: string; tables: number; detail: Record<string, string> }> {
-  const [r] = await sql`select * from ha.schema_fingerprint(${tables}::text[])`;
-  return { fingerprint: r.fingerprint, tables: r.tables, detail: r.detail };
+  const [schemas, names] = pairs(tables);
+  const [r] = await sql`select * from ha.schema_fingerprint(${schemas}::text[], ${names}::text[])`;
+  const detail: Record<string, string> = {};
+  for (const [schema, name, hash] of r.detail as [string, string, string][]) {
+    detail[tableLabel({ schema, name })] = hash;
+  }
+  return { fingerprint: r.fingerprint, tables: r.tables, detail };
 }
 
 export async function tableChecksums(
   sql: Sql,
-  tables: string[],
+  tables: TableRef[],
   sample = 1000,
-): Promise<Record<string, { rows: number; checksum: string }>> {
-  const rows = await sql`select * from ha.table_checksums(${tables}::text[], ${sample})`;
-  return Object.fromEntries(
-    rows.map((r) => [r.table_name, { rows: Number(r.row_count), checksum: r.sample_checksum }]),
+): Promise<Map<string, { rows: number; checksum: string }>> {
+  const [schemas, names] = pairs(tables);
+  const rows = await sql`
+    select * from ha.table_checksums(${schemas}::text[], ${names}::text[], ${sample})`;
+  return new Map(
+    rows.map((r) => [
+      tableLabel({ schema: r.schemaname, name: r.tablename }),
+      { rows: Number(r.row_count), checksum: r.sample_checksum },
+    ]),
   );
 }
 
-export interface ScopeOptions {
-  schemas?: string[];
-  extraTables?: string[];
+/** The tables of `tables` that do not exist on this site. */
+export async function missingTables(sql: Sql, tables: TableRef[]): Promise<TableRef[]> {
+  const [schemas, names] = pairs(tables);
+  return toRefs(
+    await sql`select * from ha.missing_tables(${schemas}::text[], ${names}::text[])`,
+  );
 }
 
-/** Creates (or completes) the publication on the publishing site with the default scope. */
+/**
+ * Creates (or completes) the publication on the publishing site: the application tables given
+ * plus the toolkit's marker and heartbeat tables. Returns what it publishes.
+ */
 export async function ensurePublication(
   sql: Sql,
-  scope: ScopeOptions = {},
+  appTables: TableRef[],
   publication = PUBLICATION,
-): Promise<string[]> {
-  const tables =
-    (await sql`select schemaname || '.' || tablename as t from ha.default_scope(${
-      scope.schemas ?? ["public"]
-    }::text[], ${scope.extraTables ?? ["auth.users", "auth.identities"]}::text[])`).map((r) =>
-      r.t as string
-    );
-  const quoted = tables.map(quoteQualified).join(", ");
+): Promise<TableRef[]> {
+  const tables = [...appTables, ...TOOLKIT_TABLES];
+  // An explicit READ WRITE transaction: a pooled session may predate the site's promotion and
+  // still carry the read-only default it had as a standby.
   if (!(await publicationExists(sql, publication))) {
-    await sql.unsafe(`create publication "${publication}" for table ${quoted}`);
+    await sql.begin("read write", (tx) =>
+      tx.unsafe(
+        `create publication "${publication}" for table ${tables.map(qualified).join(", ")}`,
+      ));
   } else {
-    const have = new Set(await publicationTables(sql, publication));
-    const missing = tables.filter((t) => !have.has(t));
+    const have = await publicationMembers(sql, publication);
+    const missing = tables.filter((t) => !have.some((h) => sameTable(h, t)));
     if (missing.length) {
-      const q = missing.map(quoteQualified).join(", ");
-      await sql.unsafe(`alter publication "${publication}" add table ${q}`);
+      await sql.begin("read write", (tx) =>
+        tx.unsafe(
+          `alter publication "${publication}" add table ${missing.map(qualified).join(", ")}`,
+        ));
     }
   }
   return tables;
 }
 
-/** libpq conninfo for a subscription (values quoted for conninfo syntax). */
+/** Connection parameters a subscription carries over from the URL (TLS included). */
+const CONNINFO_PARAMS = [
+  "sslmode",
+  "sslrootcert",
+  "sslcert",
+  "sslkey",
+  "sslcrl",
+  "sslcrldir",
+  "sslsni",
+  "ssl_min_protocol_version",
+  "target_session_attrs",
+  "connect_timeout",
+];
+
+/**
+ * libpq conninfo for a subscription (values quoted for conninfo syntax). TLS settings in the URL
+ * (`sslmode=verify-full&sslrootcert=/path/ca.crt`, …) are carried over: the subscriber's server
+ * makes this connection, so paths name files on that server.
+ */
 export function conninfo(url: string): string {
   const u = new URL(url);
   const q = (v: string) => `'${v.replaceAll("\\", "\\\\").replaceAll("'", "\\'")}'`;
   const parts = [
-    `host=${q(u.hostname)}`,
+    `host=${q(u.hostname.replace(/^\[(.*)\]$/, "$1"))}`,
     `port=${q(u.port || "5432")}`,
     `dbname=${q(decodeURIComponent(u.pathname.replace(/^\//, "")) || "postgres")}`,
     `user=${q(decodeURIComponent(u.username))}`,
     `password=${q(decodeURIComponent(u.password))}`,
   ];
-  const sslmode = u.searchParams.get("sslmode");
-  if (sslmode) parts.push(`sslmode=${q(sslmode)}`);
+  for (const name of CONNINFO_PARAMS) {
+    const v = u.searchParams.get(name);
+    if (v !== null && v !== "") parts.push(`${name}=${q(v)}`);
+  }
   return parts.join(" ");
 }
 

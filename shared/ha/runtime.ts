@@ -1,11 +1,14 @@
 /**
- * What the `health` and `failover` functions share: the two sites' pools, the router, and
- * "fence on sight" — a reachable site that still calls itself primary under an older epoch than
- * the routing authority knows is made read-only and its sessions are ended, whoever notices first.
+ * What the `health` and `failover` functions share: the two sites' pools, the router, and one
+ * way to observe both sites and the router. Observing changes nothing: fencing a stale primary
+ * is a separate act (`fenceStalePrimaries`) that only POST routes and the lease endpoint take.
+ * Probes read through a short single-flight cache, so a thousand monitor requests per second cost
+ * the databases what one does.
  */
 import { type HaConfig, requireConfigured } from "../config/mod.ts";
 import type { Logger } from "../http/logger.ts";
 import { withDeadline } from "./deadline.ts";
+import { endClientSessions, setFence } from "./fence.ts";
 import { createRouter, type Router, type RouteState } from "./routers.ts";
 import { type SiteName, Sites } from "./sites.ts";
 import { type Topology, topology } from "./state.ts";
@@ -14,6 +17,8 @@ export interface HaRuntimeOptions {
   /** Replaces the router built from the configuration (tests, the Fly stand-in). */
   router?: Router;
   fetch?: typeof fetch;
+  /** How long probe reads are shared (ms); default 1000. */
+  probeCacheMs?: number;
 }
 
 export interface Observation {
@@ -25,12 +30,37 @@ export interface Observation {
   epoch: number | null;
   /** The site PgBouncer routes to, by endpoint ("other" when it matches neither). */
   routedSite: SiteName | "other" | null;
-  /** Sites fenced by this observation. */
-  fenced: SiteName[];
+  /** When the reads were made (ms since epoch). */
+  at: number;
+}
+
+/** Single-flight memo: one computation per key at a time, its result shared for `ttlMs`. */
+export class SharedReads {
+  readonly #entries = new Map<string, { at: number; value: Promise<unknown> }>();
+  constructor(readonly ttlMs: number) {}
+
+  get<T>(key: string, compute: () => Promise<T>): Promise<T> {
+    const now = Date.now();
+    const hit = this.#entries.get(key);
+    if (hit && now - hit.at < this.ttlMs) return hit.value as Promise<T>;
+    const value = compute();
+    this.#entries.set(key, { at: now, value });
+    // A failed read is not kept: the next caller asks again.
+    value.catch(() => {
+      if (this.#entries.get(key)?.value === value) this.#entries.delete(key);
+    });
+    return value;
+  }
+
+  clear(): void {
+    this.#entries.clear();
+  }
 }
 
 export class HaRuntime {
   readonly sites: Sites;
+  /** Reads probes share (see SharedReads). */
+  readonly shared: SharedReads;
   #router?: Router;
   #routerError?: unknown;
 
@@ -46,6 +76,7 @@ export class HaRuntime {
       },
       applicationName,
     );
+    this.shared = new SharedReads(options.probeCacheMs ?? 1000);
     if (options.router) this.#router = options.router;
   }
 
@@ -76,11 +107,8 @@ export class HaRuntime {
     }
   }
 
-  /**
-   * Reads both sites and (when configured) the router in parallel, each under a deadline, and
-   * fences a stale primary it finds.
-   */
-  async observe(deadlineMs = 2000, log?: Logger): Promise<Observation> {
+  /** Reads both sites and (when configured) the router in parallel, each under a deadline. */
+  async observe(deadlineMs = 2000): Promise<Observation> {
     const routeP = this.routerConfigured()
       ? withDeadline(this.router().current(), deadlineMs, "PgBouncer").then(
         (route) => ({ route, error: undefined as string | undefined }),
@@ -92,35 +120,7 @@ export class HaRuntime {
       e !== null
     );
     const epoch = epochs.length ? Math.max(...epochs) : null;
-    const fenced: SiteName[] = [];
-    for (const view of Object.values(topo.sites)) {
-      const s = view.state;
-      if (!view.reachable || !s || epoch === null) continue;
-      if (s.role === "primary" && !s.fenced && s.epoch < epoch) {
-        try {
-          await fenceSite(
-            this.sites.get(view.name).ops,
-            epoch,
-            `stale epoch ${s.epoch} < ${epoch}`,
-          );
-          fenced.push(view.name);
-          log?.warn("fenced_stale_primary", { site: view.name, site_epoch: s.epoch, epoch });
-          view.state = {
-            ...s,
-            role: "fenced",
-            fenced: true,
-            fencedReason: `stale epoch ${s.epoch} < ${epoch}`,
-          };
-          view.readOnlyDefault = true;
-        } catch (e) {
-          log?.error("fence_failed", {
-            site: view.name,
-            error: e instanceof Error ? e.message : String(e),
-          });
-        }
-      }
-    }
-    // A primary whose epoch is behind the router's is not the primary, fenced or not.
+    // A primary whose epoch is behind the router's is not the primary.
     if (topo.primary && epoch !== null && topo.sites[topo.primary].state!.epoch < epoch) {
       topo.primary = null;
     }
@@ -129,9 +129,50 @@ export class HaRuntime {
       route: r.route,
       routeError: r.error,
       epoch,
-      fenced,
       routedSite: this.siteAt(r.route?.target),
+      at: Date.now(),
     };
+  }
+
+  /** `observe` shared across concurrent probes for `probeCacheMs`. */
+  observeShared(deadlineMs = 2000): Promise<Observation> {
+    return this.shared.get("observe", () => this.observe(deadlineMs));
+  }
+
+  /**
+   * Fences every reachable site that still says primary under an older epoch than a witness
+   * knows (the write token is revoked, sessions ended, the row marked). POST routes only.
+   */
+  async fenceStalePrimaries(obs: Observation, log?: Logger): Promise<SiteName[]> {
+    const fenced: SiteName[] = [];
+    if (obs.epoch === null) return fenced;
+    for (const view of Object.values(obs.topology.sites)) {
+      const s = view.state;
+      if (!view.reachable || !s || s.role !== "primary" || s.fenced || s.epoch >= obs.epoch) {
+        continue;
+      }
+      const reason = `stale epoch ${s.epoch} < ${obs.epoch}`;
+      try {
+        const sql = this.sites.get(view.name).ops;
+        await setFence(sql, "fenced", obs.epoch, reason);
+        await endClientSessions(sql);
+        fenced.push(view.name);
+        log?.warn("fenced_stale_primary", {
+          site: view.name,
+          site_epoch: s.epoch,
+          epoch: obs.epoch,
+        });
+        view.state = { ...s, role: "fenced", fenced: true, fencedReason: reason, epoch: obs.epoch };
+        view.fence = { writable: false, reason, leaseUntil: null, leaseTtlSeconds: null };
+      } catch (e) {
+        log?.error("fence_failed", {
+          site: view.name,
+          error: e instanceof Error ? e.message : String(e),
+        });
+      }
+    }
+    this.shared.clear();
+    return fenced;
   }
 
   /** Which configured site an upstream endpoint is. */
@@ -148,32 +189,4 @@ export class HaRuntime {
     await this.sites.close();
     await this.#router?.close?.();
   }
-}
-
-/**
- * Makes a site read-only for every new session, ends the application sessions it has, and marks
- * its control row fenced. Idempotent. Our own session writes the control row in an explicit
- * READ WRITE transaction, since the database default is read-only from then on.
- */
-export async function fenceSite(
-  sql: import("../db/mod.ts").Sql,
-  epoch: number,
-  reason: string,
-): Promise<void> {
-  const [{ db }] = await sql`select current_database() as db`;
-  await sql.unsafe(
-    `alter database "${String(db).replaceAll('"', '""')}" set default_transaction_read_only = on`,
-  );
-  await sql`
-    select pg_terminate_backend(pid) from pg_stat_activity
-    where datname = current_database() and pid <> pg_backend_pid() and backend_type = 'client backend'
-      and coalesce(application_name, '') not like 'sa-toolkit/%'
-      and (not (select rolsuper from pg_roles where oid = usesysid)
-           or (select rolsuper from pg_roles where rolname = current_user))`;
-  await sql.begin(
-    "read write",
-    (tx) =>
-      tx`update ha.state set role = 'fenced', fenced = true, fenced_reason = ${reason},
-           epoch = greatest(epoch, ${epoch}), updated_at = now() where id`,
-  );
 }

@@ -1,34 +1,59 @@
 /**
  * Bringing a primary/standby pair under the toolkit: control rows on both sites, the publication
  * on the primary (default scope: every table in `public` plus auth.users and auth.identities),
- * the subscription on the standby, the route in PgBouncer with the epoch — and the checks that
- * say whether the pair is fit for a failover (replica identity, schema drift, data).
+ * the write guard on every replicated table of both sites, the standby fenced and the primary's
+ * fence lifted with its first lease, the subscription on the standby, the route in PgBouncer with
+ * the epoch — and the checks that say whether the pair is fit for a failover.
  */
 import type { Sql } from "../db/mod.ts";
 import { HttpError } from "../http/errors.ts";
 import {
+  endClientSessions,
+  fenceStatus,
+  guardGaps,
+  installGuards,
+  liftFence,
+  setFence,
+  setReadOnlyDefault,
+  withWritePass,
+} from "./fence.ts";
+import { DEFAULT_LEASE, type LeaseSettings, recordInitialGrant } from "./lease.ts";
+import {
+  DEFAULT_SCOPE,
   ensurePublication,
   ensureSubscription,
+  isToolkitTable,
+  missingTables,
+  pairs,
   PUBLICATION,
   publicationExists,
   publicationTables,
-  quoteQualified,
+  qualified,
   replicaIdentityProblems,
   schemaFingerprint,
+  type Scope,
+  scopeTables,
   SUBSCRIPTION,
   subscriptionStatus,
   tableChecksums,
+  tableLabel,
+  type TableRef,
 } from "./replication.ts";
+import { runningOperation } from "./operations.ts";
 import type { HaRuntime } from "./runtime.ts";
 import type { SiteName } from "./sites.ts";
 import { readControlState } from "./state.ts";
 
 export interface SetupOptions {
   schemas?: string[];
-  extraTables?: string[];
+  extraTables?: TableRef[];
   /** Copy existing rows into the standby (the default for a fresh standby). */
   copyData?: boolean;
   dryRun?: boolean;
+  /** The write lease; `ttlSeconds: null` turns it off. Default: on, 30 s, renewed every 5 s. */
+  lease?: LeaseSettings;
+  /** "cron": pg_cron 1.5+ runs ha.lease_tick(); "external": the operator's own scheduler does. */
+  leaseRenewal?: "cron" | "external";
 }
 
 export interface SetupReport {
@@ -37,36 +62,86 @@ export interface SetupReport {
   standby: SiteName;
   epoch: number;
   tables: string[];
+  guarded: { primary: number; standby: number };
+  lease: Record<string, unknown>;
   actions: string[];
   replica_identity_problems: Record<string, string>[];
   missing_on_standby: string[];
   schema_drift: string[];
 }
 
-async function missingTables(sql: Sql, tables: string[]): Promise<string[]> {
-  const rows = await sql`
-    select t from unnest(${tables}::text[]) t
-    where to_regclass(format('%I.%I', split_part(t, '.', 1), split_part(t, '.', 2))) is null`;
-  return rows.map((r) => r.t);
-}
-
 /** Tables whose shape differs between the sites (by the per-table fingerprint). */
-export async function schemaDrift(a: Sql, b: Sql, tables: string[]): Promise<string[]> {
+export async function schemaDrift(a: Sql, b: Sql, tables: TableRef[]): Promise<string[]> {
   const [fa, fb] = await Promise.all([schemaFingerprint(a, tables), schemaFingerprint(b, tables)]);
   if (fa.fingerprint === fb.fingerprint) return [];
   const names = new Set([...Object.keys(fa.detail), ...Object.keys(fb.detail)]);
   return [...names].filter((n) => fa.detail[n] !== fb.detail[n]).sort();
 }
 
+interface StoredLease {
+  lease: LeaseSettings;
+  renewal: "cron" | "external";
+  configured: boolean;
+}
+
+/** The lease settings a site was set up with, or the defaults. */
+async function storedLease(sql: Sql): Promise<StoredLease> {
+  const rows = await sql`
+    select lease_ttl_seconds, lease_renew_seconds, lease_renewal from ha.state where id`;
+  const r = rows[0];
+  if (!r || r.lease_renewal === null) {
+    return { lease: DEFAULT_LEASE, renewal: "cron", configured: false };
+  }
+  return {
+    lease: {
+      ttlSeconds: r.lease_ttl_seconds === null ? null : Number(r.lease_ttl_seconds),
+      renewSeconds: Number(r.lease_renew_seconds ?? DEFAULT_LEASE.renewSeconds),
+    },
+    renewal: r.lease_renewal,
+    configured: true,
+  };
+}
+
+/** The scope a site was set up with (ha.state.scope), or the default. */
+export async function storedScope(sql: Sql): Promise<Scope> {
+  const rows = await sql`select scope from ha.state where id`;
+  const s = rows[0]?.scope as Scope | undefined;
+  return s?.schemas ? s : DEFAULT_SCOPE;
+}
+
+function scopeOf(options: SetupOptions, stored: Scope): Scope {
+  if (!options.schemas && !options.extraTables) return stored;
+  return {
+    schemas: options.schemas ?? DEFAULT_SCOPE.schemas,
+    tables:
+      (options.extraTables ?? DEFAULT_SCOPE.tables.map(([schema, name]) => ({ schema, name })))
+        .map((t) => [t.schema, t.name]),
+  };
+}
+
+/** The epoch every witness agrees not to go below: both sites and the router. */
+async function witnessedEpoch(rt: HaRuntime, siteEpochs: (number | undefined)[]) {
+  const route = rt.routerConfigured() ? await rt.router().current() : undefined;
+  const epoch = Math.max(1, ...siteEpochs.map((e) => e ?? 0), route?.epoch ?? 0);
+  return { epoch, route };
+}
+
 /**
  * Idempotent: re-running it after a partial run completes it and changes nothing that is already
- * right. The first run names the configured PRIMARY_DB_URL site primary at epoch 1.
+ * right. The first run names the configured PRIMARY_DB_URL site primary at epoch 1. Refused (409)
+ * while a failover operation runs.
  */
 export async function setupReplication(
   rt: HaRuntime,
   options: SetupOptions = {},
 ): Promise<SetupReport> {
   rt.requireSites();
+  const running = await runningOperation(rt.sites);
+  if (running) {
+    throw new HttpError(409, "operation_in_progress", "A failover operation is running.", {
+      operation_id: running.id,
+    });
+  }
   const p = rt.sites.get("primary").ops;
   const s = rt.sites.get("standby").ops;
   const [ps, ss] = await Promise.all([readControlState(p), readControlState(s)]);
@@ -77,33 +152,46 @@ export async function setupReplication(
     throw new HttpError(
       409,
       "site_fenced",
-      "A site is fenced; rebuild it as a standby first (runbooks/emergency.md).",
+      "A site is fenced; rebuild it as a standby first (POST /failover/rejoin, runbooks/emergency.md).",
     );
   }
-  const subSite: SiteName = pubSite === "primary" ? "standby" : "primary";
+  const subSite = rt.sites.other(pubSite);
   const pub = rt.sites.get(pubSite).ops;
   const sub = rt.sites.get(subSite).ops;
-  const epoch = Math.max(ps?.epoch ?? 0, ss?.epoch ?? 0, 1);
+  const { epoch, route } = await witnessedEpoch(rt, [ps?.epoch, ss?.epoch]);
+  const routed = rt.siteAt(route?.target);
+  if (route?.epoch !== null && route?.epoch === epoch && routed && routed !== pubSite) {
+    throw new HttpError(
+      409,
+      "epoch_conflict",
+      `PgBouncer routes epoch ${epoch} to site ${routed}, but the control rows make site ${pubSite} primary.`,
+    );
+  }
   const dryRun = options.dryRun ?? false;
   const actions: string[] = [];
+  const scope = scopeOf(options, await storedScope(pub));
+  // Running setup again keeps the scope and lease it was given, unless told otherwise.
+  const stored = await storedLease(pub);
+  const lease = options.lease ?? stored.lease;
+  const renewal = options.leaseRenewal ?? stored.renewal;
 
-  const scopeRows = await pub`select schemaname || '.' || tablename as t from ha.default_scope(${
-    options.schemas ?? ["public"]
-  }::text[], ${options.extraTables ?? ["auth.users", "auth.identities"]}::text[])`;
-  const tables = scopeRows.map((r) => r.t as string);
+  const tables = await scopeTables(pub, scope);
   const missing = await missingTables(sub, tables);
-  const present = tables.filter((t) => !missing.includes(t));
+  const present = tables.filter((t) =>
+    !missing.some((m) => m.schema === t.schema && m.name === t.name)
+  );
   const drift = await schemaDrift(pub, sub, present);
-
   const report: SetupReport = {
     dry_run: dryRun,
     primary: pubSite,
     standby: subSite,
     epoch,
-    tables,
+    tables: tables.map(tableLabel),
+    guarded: { primary: 0, standby: 0 },
+    lease: { ttl_seconds: lease.ttlSeconds, renew_seconds: lease.renewSeconds },
     actions,
     replica_identity_problems: [],
-    missing_on_standby: missing,
+    missing_on_standby: missing.map(tableLabel),
     schema_drift: drift,
   };
   if (missing.length || drift.length) {
@@ -111,77 +199,46 @@ export async function setupReplication(
       412,
       "schema_mismatch",
       "The standby's schema does not match the primary's; apply the same migrations to both.",
-      {
-        missing_on_standby: missing,
-        schema_drift: drift,
-      },
+      { missing_on_standby: report.missing_on_standby, schema_drift: drift },
     );
+  }
+  const leaseUrls = checkLeaseConfig(rt, lease);
+  if (dryRun) {
+    actions.push(`would guard ${tables.length} tables on both sites and fence site ${subSite}`);
+  } else {
+    await configureSites(rt, { pubSite, subSite, epoch, scope, lease, renewal, leaseUrls });
+    // Standby first: guarded and fenced before the primary is lifted, so there is never a
+    // moment with two writable sites; the primary is lifted before its guard is installed, so
+    // a pair upgraded from the read-only fence keeps taking writes throughout.
+    report.guarded.standby = await installGuards(sub, tables);
+    const ended = await fenceStandby(sub, epoch);
+    actions.push(
+      `site ${subSite} is the standby at epoch ${epoch}: guarded, fenced` +
+        (ended ? `, ${ended} sessions ended` : ""),
+    );
+    report.lease = await liftPrimary(pub, sub, subSite, pubSite, epoch, lease, actions);
+    report.guarded.primary = await installGuards(pub, tables);
+    actions.push(
+      `write guard on ${tables.length} tables of both sites (${report.guarded.primary} + ${report.guarded.standby} installed now)`,
+    );
+    report.lease.renewal = await scheduleRenewal(pub, sub, lease, renewal);
   }
 
-  if (!dryRun) {
-    await pub`select ha.init_state(${pubSite}, 'primary', ${epoch})`;
-    await sub.begin(
-      "read write",
-      (tx) => tx`select ha.init_state(${subSite}, 'standby', ${epoch})`,
-    );
-    actions.push(`control rows: ${pubSite}=primary, ${subSite}=standby at epoch ${epoch}`);
-  }
   const hadPublication = await publicationExists(pub);
   if (!dryRun) {
-    await ensurePublication(pub, { schemas: options.schemas, extraTables: options.extraTables });
-    const now = await publicationTables(pub);
+    const published = await ensurePublication(pub, tables);
     actions.push(
-      hadPublication
-        ? `publication ${PUBLICATION} checked (${now.length} tables)`
-        : `publication ${PUBLICATION} created (${now.length} tables)`,
+      `publication ${PUBLICATION} ${
+        hadPublication ? "checked" : "created"
+      } (${published.length} tables)`,
     );
     report.replica_identity_problems = await replicaIdentityProblems(pub);
   } else {
-    actions.push(
-      hadPublication
-        ? `would check publication ${PUBLICATION}`
-        : `would create publication ${PUBLICATION}`,
-    );
+    actions.push(`would ${hadPublication ? "check" : "create"} publication ${PUBLICATION}`);
   }
+  await ensureStandbySubscription(rt, { pubSite, subSite, tables, options, actions });
 
-  const status = await subscriptionStatus(sub);
-  if (!status.exists) {
-    if (options.copyData !== false && !dryRun) {
-      const nonEmpty: string[] = [];
-      for (const t of tables.filter((t) => t !== "ha.markers")) {
-        const [{ any }] = await sub.unsafe(
-          `select exists (select 1 from ${quoteQualified(t)}) as any`,
-        );
-        if (any) nonEmpty.push(t);
-      }
-      if (nonEmpty.length) {
-        throw new HttpError(
-          412,
-          "standby_not_empty",
-          "The standby already has rows in published tables; copying would duplicate them.",
-          {
-            tables: nonEmpty,
-          },
-        );
-      }
-    }
-    if (!dryRun) {
-      const publisherUrl = pubSite === "primary"
-        ? rt.config.primaryDbUrl!
-        : rt.config.standbyDbUrl!;
-      await withWritableSession(
-        sub,
-        (x) => ensureSubscription(x, publisherUrl, { copyData: options.copyData ?? true }),
-      );
-      actions.push(`subscription created on ${subSite} (copy_data=${options.copyData ?? true})`);
-    } else actions.push(`would create the subscription on ${subSite}`);
-  } else {
-    actions.push(`subscription on ${subSite} exists (enabled=${status.enabled})`);
-  }
-
-  if (rt.routerConfigured()) {
-    const route = await rt.router().current();
-    const routed = rt.siteAt(route.target);
+  if (route) {
     if (routed !== pubSite || route.epoch !== epoch) {
       if (!dryRun) {
         const e = rt.sites.get(pubSite).endpoint;
@@ -190,7 +247,213 @@ export async function setupReplication(
       } else actions.push(`would route PgBouncer to ${pubSite} at epoch ${epoch}`);
     } else actions.push(`PgBouncer already routes to ${pubSite} at epoch ${epoch}`);
   }
+  rt.shared.clear();
   return report;
+}
+
+/** The lease needs a token the function accepts and the URL of each site's failover function. */
+function checkLeaseConfig(rt: HaRuntime, lease: LeaseSettings) {
+  const urls = { primary: rt.config.primaryFailoverUrl, standby: rt.config.standbyFailoverUrl };
+  if (lease.ttlSeconds === null) return urls;
+  const missing = [
+    !rt.config.leaseToken ? "HA_LEASE_TOKEN" : "",
+    !urls.primary ? "PRIMARY_FAILOVER_URL (or PRIMARY_SUPABASE_URL)" : "",
+    !urls.standby ? "STANDBY_FAILOVER_URL (or STANDBY_SUPABASE_URL)" : "",
+  ].filter(Boolean);
+  if (missing.length) {
+    throw new HttpError(
+      412,
+      "lease_not_configured",
+      `The write lease needs ${
+        missing.join(", ")
+      }; set them, or set up with "lease": false (see docs/ha-architecture.md).`,
+      { missing },
+    );
+  }
+  if (lease.renewSeconds * 2 > lease.ttlSeconds) {
+    throw new HttpError(
+      412,
+      "lease_renewal_too_slow",
+      `A lease of ${lease.ttlSeconds} s must be renewed at least twice per TTL (renew_seconds ≤ ${
+        Math.floor(lease.ttlSeconds / 2)
+      }).`,
+    );
+  }
+  return urls;
+}
+
+/** Control rows, scope, lease settings and the lease token on both sites. */
+async function configureSites(
+  rt: HaRuntime,
+  c: {
+    pubSite: SiteName;
+    subSite: SiteName;
+    epoch: number;
+    scope: Scope;
+    lease: LeaseSettings;
+    renewal: "cron" | "external";
+    leaseUrls: Record<SiteName, string | undefined>;
+  },
+): Promise<void> {
+  for (const site of [c.pubSite, c.subSite]) {
+    const sql = rt.sites.get(site).ops;
+    const peer = rt.sites.other(site);
+    // A site's lease is renewed by the function deployed with the OTHER site.
+    const leaseUrl = c.leaseUrls[peer] ? `${c.leaseUrls[peer]}/lease` : null;
+    // The role is not set here: only ha.set_fence and ha.lift_fence change it, with the token.
+    await sql.begin("read write", async (tx) => {
+      await tx`insert into ha.state (id, site, role, epoch) values (true, ${site}, 'standby', ${c.epoch})
+               on conflict (id) do update set site = excluded.site,
+                 epoch = greatest(ha.state.epoch, excluded.epoch)`;
+      await tx`update ha.state set peer = ${peer}, scope = ${tx.json(c.scope as never)},
+                 lease_ttl_seconds = ${c.lease.ttlSeconds}, lease_renew_seconds = ${c.lease.renewSeconds},
+                 lease_renewal = ${c.renewal}, lease_url = ${leaseUrl}, updated_at = now()
+               where id`;
+    });
+    if (c.lease.ttlSeconds !== null && rt.config.leaseToken) {
+      await storeLeaseToken(sql, rt.config.leaseToken);
+    }
+  }
+}
+
+/** Puts the lease token into Vault as `ha_lease_token` (created, or updated when it differs). */
+async function storeLeaseToken(sql: Sql, token: string): Promise<void> {
+  const rows = await sql`
+    select id, decrypted_secret = ${token} as same from vault.decrypted_secrets where name = 'ha_lease_token'`;
+  if (rows.length === 0) {
+    await sql.begin(
+      "read write",
+      (tx) =>
+        tx`select vault.create_secret(${token}, 'ha_lease_token', 'SA Toolkit: renews the HA write lease')`,
+    );
+  } else if (!rows[0].same) {
+    await sql.begin("read write", (tx) => tx`select vault.update_secret(${rows[0].id}, ${token})`);
+  }
+}
+
+/** The standby refuses application writes: guard (token revoked) and, as a fast path, read-only. */
+async function fenceStandby(sub: Sql, epoch: number): Promise<number> {
+  const [state, status] = await Promise.all([readControlState(sub), fenceStatus(sub)]);
+  await setReadOnlyDefault(sub, true);
+  if (state?.role === "standby" && !status.writable) return 0;
+  await setFence(sub, "standby", epoch);
+  return await endClientSessions(sub);
+}
+
+/** Lifts the primary's fence when it is not writable (first set-up, or the lease changed). */
+async function liftPrimary(
+  pub: Sql,
+  sub: Sql,
+  subSite: SiteName,
+  pubSite: SiteName,
+  epoch: number,
+  lease: LeaseSettings,
+  actions: string[],
+): Promise<Record<string, unknown>> {
+  const before = await fenceStatus(pub);
+  const leaseChanged = before.leaseTtlSeconds !== lease.ttlSeconds;
+  if (before.writable && !leaseChanged && before.leaseUntil !== "infinity") {
+    return {
+      ttl_seconds: lease.ttlSeconds,
+      renew_seconds: lease.renewSeconds,
+      lease_until: before.leaseUntil,
+    };
+  }
+  const grant = await recordInitialGrant(sub, pubSite, epoch);
+  await liftFence(pub, epoch, grant === "off" ? "keep" : grant);
+  await setReadOnlyDefault(pub, false);
+  const after = await fenceStatus(pub);
+  actions.push(
+    `site ${pubSite} is the writable primary at epoch ${epoch}` +
+      (grant === "off"
+        ? " (lease off)"
+        : `, lease granted by site ${subSite} until ${after.leaseUntil}`),
+  );
+  return {
+    ttl_seconds: lease.ttlSeconds,
+    renew_seconds: lease.renewSeconds,
+    lease_until: after.leaseUntil,
+  };
+}
+
+/** Schedules ha.lease_tick() (and the heartbeat) on both sites, or says what the operator must run. */
+async function scheduleRenewal(
+  pub: Sql,
+  sub: Sql,
+  lease: LeaseSettings,
+  renewal: "cron" | "external",
+): Promise<string> {
+  if (renewal === "external") {
+    return `external: run "select ha.lease_tick()" on each site every ${lease.renewSeconds} s`;
+  }
+  const scheduled = await Promise.all(
+    [pub, sub].map(async (sql) => {
+      const [{ s }] = await sql.begin(
+        "read write",
+        (tx) => tx`select ha.schedule_lease_tick(${lease.renewSeconds}) as s`,
+      );
+      return s as string | null;
+    }),
+  );
+  if (scheduled.some((x) => x === null)) {
+    if (lease.ttlSeconds !== null) {
+      throw new HttpError(
+        412,
+        "lease_renewal_unavailable",
+        'pg_cron 1.5+ (seconds schedules) is needed to renew the write lease; set up with "lease_renewal": "external" and run ha.lease_tick() yourself, or with "lease": false.',
+      );
+    }
+    return "not scheduled (pg_cron 1.5+ needed); the lease is off";
+  }
+  return `pg_cron every ${lease.renewSeconds} seconds`;
+}
+
+async function ensureStandbySubscription(
+  rt: HaRuntime,
+  c: {
+    pubSite: SiteName;
+    subSite: SiteName;
+    tables: TableRef[];
+    options: SetupOptions;
+    actions: string[];
+  },
+): Promise<void> {
+  const sub = rt.sites.get(c.subSite).ops;
+  const dryRun = c.options.dryRun ?? false;
+  const status = await subscriptionStatus(sub);
+  if (status.exists) {
+    c.actions.push(`subscription on ${c.subSite} exists (enabled=${status.enabled})`);
+    return;
+  }
+  const copyData = c.options.copyData ?? true;
+  if (copyData && !dryRun) {
+    const nonEmpty: string[] = [];
+    for (const t of c.tables) {
+      const [{ any }] = await sub.unsafe(`select exists (select 1 from ${qualified(t)}) as any`);
+      if (any) nonEmpty.push(tableLabel(t));
+    }
+    if (nonEmpty.length) {
+      throw new HttpError(
+        412,
+        "standby_not_empty",
+        "The standby already has rows in published tables; copying would duplicate them.",
+        { tables: nonEmpty },
+      );
+    }
+  }
+  if (dryRun) {
+    c.actions.push(`would create the subscription on ${c.subSite}`);
+    return;
+  }
+  await withWritableSession(
+    sub,
+    (x) => ensureSubscription(x, siteUrl(rt, c.pubSite), { copyData }),
+  );
+  c.actions.push(`subscription created on ${c.subSite} (copy_data=${copyData})`);
+}
+
+export function siteUrl(rt: HaRuntime, site: SiteName): string {
+  return site === "primary" ? rt.config.primaryDbUrl! : rt.config.standbyDbUrl!;
 }
 
 /**
@@ -211,25 +474,36 @@ export async function withWritableSession<T>(
   }
 }
 
+/** The application tables of the publication (the toolkit's own excluded). */
+export async function publishedAppTables(sql: Sql): Promise<TableRef[]> {
+  return (await publicationTables(sql)).filter((t) => !isToolkitTable(t));
+}
+
 /** Row counts and sampled checksums on both sides for the published tables. */
-export async function verifyData(rt: HaRuntime, from: SiteName, tables?: string[], sample = 1000) {
+export async function verifyData(rt: HaRuntime, from: SiteName, sample = 1000) {
   const a = rt.sites.get(from).ops;
   const b = rt.sites.get(rt.sites.other(from)).ops;
-  const list = tables ?? (await publicationTables(a)).filter((t) => t !== "ha.markers");
+  const list = await publishedAppTables(a);
   const [ca, cb] = await Promise.all([
     tableChecksums(a, list, sample),
     tableChecksums(b, list, sample),
   ]);
   return list.map((t) => {
-    const key = Object.keys(ca).find((k) => k.replaceAll('"', "") === t) ?? t;
-    const x = ca[key];
-    const y = cb[key];
+    const key = tableLabel(t);
+    const x = ca.get(key);
+    const y = cb.get(key);
     return {
-      table: t,
+      table: key,
       rows: { [from]: x?.rows ?? null, [rt.sites.other(from)]: y?.rows ?? null },
       match: !!x && !!y && x.rows === y.rows && x.checksum === y.checksum,
     };
   });
+}
+
+/** Guard gaps on a site for its scope: missing, disabled or altered guards on replicated tables. */
+export async function siteGuardGaps(sql: Sql) {
+  const tables = await scopeTables(sql, await storedScope(sql));
+  return await guardGaps(sql, tables);
 }
 
 export interface RejoinReport {
@@ -240,11 +514,31 @@ export interface RejoinReport {
   actions: string[];
 }
 
+/** Unpublished tables with a foreign key to a published one (TRUNCATE would have to cascade). */
+async function unpublishedReferencing(sql: Sql, published: TableRef[]): Promise<string[]> {
+  const [schemas, names] = pairs(published);
+  const rows = await sql`
+    with pub as (
+      select c.oid from unnest(${schemas}::text[], ${names}::text[]) w(s, n)
+      join pg_namespace ns on ns.nspname = w.s
+      join pg_class c on c.relnamespace = ns.oid and c.relname = w.n)
+    select distinct cn.nspname as schemaname, cc.relname as tablename
+    from pg_constraint k
+    join pg_class cc on cc.oid = k.conrelid
+    join pg_namespace cn on cn.oid = cc.relnamespace
+    where k.contype = 'f' and k.confrelid in (select oid from pub)
+      and k.conrelid not in (select oid from pub)
+    order by 1, 2`;
+  return rows.map((r) => tableLabel({ schema: r.schemaname, name: r.tablename }));
+}
+
 /**
  * Rebuilds a fenced (or stray) site as the standby of the current primary: its copy of the
  * published tables is discarded and copied afresh. This is how the old primary comes back after
  * an emergency failover — whatever it committed that never replicated is discarded here, so the
  * caller must confirm it (and should first export what `rpo` in the emergency operation names).
+ * Refused (412) when an unpublished table references a published one: emptying the published
+ * tables would have to cascade into data that does not replicate.
  */
 export async function rejoinAsStandby(rt: HaRuntime, site: SiteName): Promise<RejoinReport> {
   rt.requireSites();
@@ -272,13 +566,21 @@ export async function rejoinAsStandby(rt: HaRuntime, site: SiteName): Promise<Re
   const p = rt.sites.get(primary).ops;
   const actions: string[] = [];
 
-  // The fenced site stays read-only for applications; our session lifts it for itself only.
-  await f.begin("read write", async (tx) => {
-    const [{ db }] = await tx`select current_database() as db`;
-    await tx.unsafe(
-      `alter database "${String(db).replaceAll('"', '""')}" set default_transaction_read_only = on`,
+  const scope = await storedScope(p);
+  const appTables = await scopeTables(p, scope);
+  const referencing = await unpublishedReferencing(f, appTables);
+  if (referencing.length) {
+    throw new HttpError(
+      412,
+      "unpublished_references",
+      "Tables outside the replication scope reference replicated ones; rebuilding would have to empty them too. Add them to the scope (POST /failover/setup) or empty them yourself.",
+      { tables: referencing },
     );
-  });
+  }
+  // Whatever the site was, it refuses application writes from here on (guard + read-only).
+  await setFence(f, "fenced", epoch, `being rebuilt as the standby of site ${primary}`);
+  await setReadOnlyDefault(f, true);
+  await endClientSessions(f);
   const sub = await subscriptionStatus(f);
   if (sub.exists) {
     await withWritableSession(f, async (s) => {
@@ -294,23 +596,37 @@ export async function rejoinAsStandby(rt: HaRuntime, site: SiteName): Promise<Re
       where slot_name = ${SUBSCRIPTION} and not active and database = current_database()`;
     if (dropped.length) actions.push(`dropped the stale replication slot on ${where}`);
   }
-  await withWritableSession(p, (s) => ensurePublication(s));
+  await ensurePublication(p, appTables);
   const tables = await publicationTables(p);
-  const truncated = tables.filter((t) => t !== "ha.markers");
-  await f.begin(
-    "read write",
-    (tx) => tx.unsafe(`truncate table ${tables.map(quoteQualified).join(", ")} cascade`),
+  await installGuards(f, appTables);
+  await withWritePass(
+    f,
+    `rejoin as the standby of site ${primary}`,
+    (tx) => tx.unsafe(`truncate table ${tables.map(qualified).join(", ")}`),
   );
-  actions.push(`truncated ${truncated.length} published tables on ${site} (cascade)`);
-  const publisherUrl = primary === "primary" ? rt.config.primaryDbUrl! : rt.config.standbyDbUrl!;
-  await withWritableSession(f, (s) => ensureSubscription(s, publisherUrl, { copyData: true }));
+  actions.push(`emptied ${tables.length} published tables on ${site}`);
+  await withWritableSession(
+    f,
+    (s) => ensureSubscription(s, siteUrl(rt, primary), { copyData: true }),
+  );
   actions.push(`subscribed ${site} to ${primary} with copy_data=true`);
-  await f.begin(
-    "read write",
-    (tx) =>
-      tx`update ha.state set role = 'standby', fenced = false, fenced_reason = null, epoch = greatest(epoch, ${epoch}),
-           updated_at = now() where id`,
-  );
-  actions.push(`${site} is now standby at epoch ${epoch} (read-only for applications)`);
-  return { site, primary, epoch, truncated, actions };
+  await setFence(f, "standby", epoch);
+  actions.push(`${site} is now standby at epoch ${epoch} (the guard refuses application writes)`);
+  // The primary held an infinite lease while it had no standby; from now on this site grants it.
+  const primaryFence = await fenceStatus(p);
+  if (primaryFence.leaseUntil === "infinity") {
+    const grant = await recordInitialGrant(f, primary, epoch);
+    if (grant !== "off") {
+      await liftFence(p, epoch, grant);
+      actions.push(`site ${primary}'s write lease is granted by site ${site} again`);
+    }
+  }
+  rt.shared.clear();
+  return {
+    site,
+    primary,
+    epoch,
+    truncated: tables.filter((t) => !isToolkitTable(t)).map(tableLabel),
+    actions,
+  };
 }

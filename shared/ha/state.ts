@@ -1,6 +1,7 @@
 /** Reading each site's control row and working out who is primary now. */
 import type { Sql } from "../db/mod.ts";
 import { withDeadline } from "./deadline.ts";
+import type { FenceStatus } from "./fence.ts";
 import { SITE_NAMES, type SiteName, type Sites } from "./sites.ts";
 
 export interface ControlState {
@@ -19,6 +20,8 @@ export interface SiteView {
   inRecovery?: boolean;
   readOnlyDefault?: boolean;
   walLsn?: string;
+  /** Whether the write guard lets application writes through now, and why not. */
+  fence?: FenceStatus;
 }
 
 export interface Topology {
@@ -58,11 +61,13 @@ export async function viewSite(sites: Sites, name: SiteName, deadlineMs = 2000):
                          from pg_db_role_setting d, unnest(d.setconfig) s
                          where d.setdatabase = (select oid from pg_database where datname = current_database())
                            and d.setrole = 0), false) as read_only_default,
-               (select to_jsonb(x) from (select site, role, epoch, fenced, fenced_reason from ha.state where id) x) as state`,
+               (select to_jsonb(x) from (select site, role, epoch, fenced, fenced_reason from ha.state where id) x) as state,
+               (select to_jsonb(f) from ha.fence_status() f) as fence`,
       deadlineMs,
       `site ${name}`,
     );
     const s = r.state as Record<string, unknown> | null;
+    const f = r.fence as Record<string, unknown> | null;
     return {
       name,
       reachable: true,
@@ -76,6 +81,14 @@ export async function viewSite(sites: Sites, name: SiteName, deadlineMs = 2000):
           epoch: Number(s.epoch),
           fenced: Boolean(s.fenced),
           fencedReason: (s.fenced_reason as string) ?? null,
+        }
+        : undefined,
+      fence: f
+        ? {
+          writable: f.writable === true,
+          reason: (f.reason as string) ?? null,
+          leaseUntil: (f.lease_until as string) ?? null,
+          leaseTtlSeconds: f.lease_ttl_seconds === null ? null : Number(f.lease_ttl_seconds),
         }
         : undefined,
     };

@@ -33,8 +33,13 @@ export interface RouteSpec<
   path: string;
   summary: string;
   description?: string;
-  /** False for routes outside the token gate (none today, kept explicit). */
+  /**
+   * False for routes outside the function's token gate; such a route names its own check in
+   * `authorize`, which runs before anything of the request is parsed (a request without the right
+   * token gets 401 whatever its body).
+   */
   auth?: boolean;
+  authorize?: (c: AppContext) => Promise<void>;
   query?: Q;
   body?: B;
   params?: P;
@@ -117,6 +122,7 @@ export class FunctionApp {
   ): this {
     this.routes.push(spec as unknown as RouteSpec);
     this.hono.on(spec.method.toUpperCase(), spec.path, async (c) => {
+      if (spec.authorize) await spec.authorize(c as AppContext);
       const query = spec.query ? parseWith(spec.query, c.req.query(), "query") : undefined;
       const params = spec.params ? parseWith(spec.params, c.req.param(), "path") : undefined;
       let body: unknown = undefined;

@@ -5,6 +5,7 @@
  * the standby and the role fails back with zero loss. An emergency whose driver crashes resumes.
  */
 import assert from "node:assert/strict";
+import { DataApi } from "../harness/data_api.ts";
 import { failoverClient, healthClient } from "../harness/ha_client.ts";
 import {
   serveFunctions,
@@ -79,18 +80,33 @@ Deno.test("emergency failover: RPO, fencing the returning primary, rejoin and fa
 
     await stack.step(
       t,
-      "the old primary comes back: fenced, read-only for every new session, never routed to",
+      "the old primary comes back: its lease has run out, its next tick gets it fenced, never routed to",
       async () => {
         await stack.primary!.start();
-        const probe = await h.get("/primary?site=primary");
-        assert.equal(probe.status, 503);
-        assert.match(String(probe.body.reason), /fenced \(stale epoch 1 < 2\)/);
-        await assert.rejects(
-          () =>
-            stack.primary!.psql("insert into public.ledger (writer, n) values (66, 1);", {
-              role: "postgres",
-            }),
-          /read-only transaction/,
+        // Before anything reaches it, the returning site already refuses the Data API's writes.
+        const api = DataApi.for(stack.primary!);
+        try {
+          const early = await api.write(
+            "insert into public.ledger (writer, n) values (66, 1)",
+          );
+          assert.equal(early.ok, false);
+          assert.equal(early.code, "25006");
+          assert.match(
+            String(early.message),
+            /site primary fenced at epoch 1 \((its write lease expired|stale epoch)/,
+          );
+        } finally {
+          await api.close();
+        }
+        // Its own lease tick asks the other region, which fences it (a POST; no probe does).
+        await waitFor(
+          "the returning primary to be fenced by its lease tick",
+          async () =>
+            /fenced \(stale epoch 1 < 2/.test(
+              String((await h.get("/primary?site=primary")).body.reason),
+            ),
+          15_000,
+          200,
         );
         const [state] = await stack.primary!.sql(
           "supabase_admin",

@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import { inspectPage } from "../harness/chromium.ts";
 import { failoverClient, healthClient } from "../harness/ha_client.ts";
 import {
+  haState,
   setupHa,
   type Stack,
   underWriteLoad,
@@ -16,45 +17,6 @@ import {
   waitReplicating,
   withStack,
 } from "../harness/mod.ts";
-
-/** Everything a refused request must leave as it was. */
-export async function haState(stack: Stack): Promise<string> {
-  const parts: unknown[] = [];
-  for (const c of [stack.primary!, stack.standby!]) {
-    if (!c.running) {
-      parts.push(`${c.name} stopped`);
-      continue;
-    }
-    const sql = c.sql("supabase_admin", { max: 1 });
-    parts.push(
-      await sql`
-        select (select to_jsonb(s) - 'updated_at' from ha.state s) as state,
-               (select coalesce(array_agg(x), '{}') from pg_db_role_setting d, unnest(d.setconfig) x where d.setrole = 0) as db_settings,
-               (select jsonb_agg(jsonb_build_object('name', subname, 'enabled', subenabled, 'slot', subslotname)) from pg_subscription) as subs,
-               (select array_agg(slot_name::text order by slot_name) from pg_replication_slots) as slots,
-               (select array_agg(schemaname || '.' || tablename order by 1, 2) from pg_publication_tables) as published,
-               (select count(*) from ha.operations) as operations,
-               (select jsonb_agg(jsonb_build_object('seq', sequencename, 'v', last_value) order by sequencename)
-                  from pg_sequences where schemaname = 'public') as sequences`,
-    );
-    await sql.end();
-  }
-  parts.push(
-    stack.pgbouncer!.running
-      ? await Deno.readTextFile(stack.pgbouncer!.databasesFile)
-      : "pgbouncer stopped",
-  );
-  if (stack.pgbouncer!.running) {
-    const admin = stack.pgbouncer!.admin();
-    const dbs = await admin.unsafe("SHOW DATABASES").simple();
-    parts.push(
-      dbs.filter((d: Record<string, unknown>) => d.name === "postgres").map((
-        d: Record<string, unknown>,
-      ) => [d.host, d.port, d.paused, d.disabled]),
-    );
-  }
-  return JSON.stringify(parts);
-}
 
 const lagLocks = new Map<Stack, import("../../shared/db/mod.ts").ReservedSql>();
 
@@ -321,13 +283,14 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
         assert.equal(primary.body.epoch, 2);
         assert.equal((await h.get("/standby")).body.site, "primary");
         assert.equal((await h.get("/pgbouncer")).status, 200);
-        // The old primary refuses application writes on a new session.
+        // The old primary refuses application writes, even in an explicit READ WRITE transaction.
         await assert.rejects(
           () =>
-            stack.primary!.psql("insert into public.ledger (writer, n) values (77, 1);", {
-              role: "postgres",
-            }),
-          /read-only transaction/,
+            stack.primary!.psql(
+              "begin read write; insert into public.ledger (writer, n) values (77, 1); commit;",
+              { role: "postgres" },
+            ),
+          /site primary fenced at epoch 2 \(it is the standby\): writes go to site standby/,
         );
       },
     );
@@ -399,14 +362,37 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
           await new Promise((r) => setTimeout(r, 100));
         }
         const url = `${h.base}/dashboard?token=${stack.tokens.health}`;
-        const res = await fetch(url);
+        // The token in the URL is swapped for an HttpOnly cookie; the page it refreshes has none.
+        const swap = await fetch(url, { redirect: "manual" });
+        assert.equal(swap.status, 303);
+        assert.equal(swap.headers.get("location"), "dashboard");
+        const cookie = swap.headers.get("set-cookie") ?? "";
+        assert.match(cookie, /^sa_health_dashboard=[0-9a-f]{64}; .*HttpOnly; SameSite=Strict/);
+        assert.ok(!cookie.includes(stack.tokens.health), "the cookie is not the token");
+        await swap.body?.cancel();
+        const res = await fetch(`${h.base}/dashboard`, {
+          headers: { cookie: cookie.split(";")[0] },
+        });
         assert.equal(res.status, 200);
         assert.match(res.headers.get("content-type") ?? "", /text\/html/);
         const html = await res.text();
         assert.doesNotMatch(html, /<script|<link|@import|url\(|https?:\/\//i);
-        const anon = await fetch(`${h.base}/dashboard`);
-        assert.equal(anon.status, 401);
-        await anon.body?.cancel();
+        assert.doesNotMatch(html, new RegExp(stack.tokens.health));
+        for (
+          const headers of [{}, { cookie: "sa_health_dashboard=" + "0".repeat(64) }, {
+            authorization: "Bearer wrong-token-wrong-token",
+          }]
+        ) {
+          const anon = await fetch(`${h.base}/dashboard`, { headers, redirect: "manual" });
+          assert.equal(anon.status, 401, JSON.stringify(headers));
+          await anon.body?.cancel();
+        }
+        const wrong = await fetch(`${h.base}/dashboard?token=not-the-token-at-all`, {
+          redirect: "manual",
+        });
+        assert.equal(wrong.status, 401, "a wrong token in the URL sets no cookie");
+        assert.equal(wrong.headers.get("set-cookie"), null);
+        await wrong.body?.cancel();
         const page = await inspectPage(url, {
           expression: `JSON.stringify({
           status: document.getElementById('status').textContent,

@@ -7,7 +7,10 @@ import { healingSql, type Sql } from "../../shared/db/mod.ts";
 import { sleep } from "../../shared/ha/deadline.ts";
 import { HaRuntime } from "../../shared/ha/runtime.ts";
 import { setupReplication, type SetupReport } from "../../shared/ha/setup.ts";
+import type { SiteName } from "../../shared/ha/sites.ts";
+import { PgNetWorker } from "./pg_net.ts";
 import { waitFor } from "./process.ts";
+import { SecondsCron } from "./seconds_cron.ts";
 import type { Stack } from "./stack.ts";
 
 /** The demo/test application schema: a ledger with a serial key and a per-writer sequence. */
@@ -24,6 +27,9 @@ create table if not exists public.accounts (
   name text not null,
   balance numeric not null default 0
 );
+-- The Data API's roles may write the ledger (as an application's RLS-free table would allow).
+grant select, insert, update, delete on public.ledger, public.accounts to authenticated, service_role;
+grant usage on all sequences in schema public to authenticated, service_role;
 `;
 
 /** Runs DDL on both sites as the application role (migrations must match on both). */
@@ -31,18 +37,96 @@ export async function applyOnBoth(stack: Stack, ddl: string): Promise<void> {
   await Promise.all([stack.primary!, stack.standby!].map((c) => c.psql(ddl, { role: "postgres" })));
 }
 
-/** Applies `ddl` to both sites, runs the toolkit's setup and waits for the initial copy. */
-export async function setupHa(stack: Stack, ddl = LEDGER_DDL): Promise<SetupReport> {
+export interface HaSetupOptions {
+  /**
+   * The write lease: default 4 s renewed every second (short, so emergency tests wait seconds,
+   * not the production 30); false turns it off. Off without functions to renew it.
+   */
+  lease?: { ttlSeconds: number; renewSeconds: number } | false;
+  /** How often each site's ha.beat() runs (pg_cron 1.5+ would run it every 5 s). */
+  beatEveryMs?: number;
+}
+
+/** What pg_cron 1.5+ and pg_net would be doing on each site of the pair (stand-ins). */
+export interface HaPlatform {
+  net: Record<SiteName, PgNetWorker>;
+  leaseTick: Record<SiteName, SecondsCron>;
+  beat: Record<SiteName, SecondsCron>;
+  lease: { ttlSeconds: number; renewSeconds: number } | null;
+}
+
+const platforms = new WeakMap<Stack, HaPlatform>();
+
+/** The command ha.schedule_lease_tick() gives pg_cron (supabase/migrations/…_ha_write_lease.sql). */
+export const LEASE_TICK_COMMAND =
+  "set statement_timeout = '2s'; set default_transaction_read_only = off; select ha.lease_tick()";
+
+/** The pair's scheduler and pg_net stand-ins started by setupHa. */
+export function haPlatform(stack: Stack): HaPlatform {
+  const p = platforms.get(stack);
+  if (!p) throw new Error("setupHa has not started the pair's platform stand-ins");
+  return p;
+}
+
+/**
+ * Applies `ddl` to both sites, runs the toolkit's setup (the lease renewed "externally" by the
+ * seconds-cron stand-in, since Debian's pg_cron has no seconds schedules), starts each site's
+ * lease tick, heartbeat and pg_net worker, and waits for the initial copy.
+ */
+export async function setupHa(
+  stack: Stack,
+  ddl = LEDGER_DDL,
+  options: HaSetupOptions = {},
+): Promise<SetupReport> {
   if (!stack.ha) throw new Error("setupHa needs a stack started with { ha: true }");
   await applyOnBoth(stack, ddl);
+  const lease = options.lease === false || !stack.functions
+    ? null
+    : options.lease ?? { ttlSeconds: 4, renewSeconds: 1 };
   const rt = new HaRuntime(loadFailoverConfig(stack.env()), "sa-toolkit/test-setup");
   try {
-    const report = await setupReplication(rt);
+    const report = await setupReplication(rt, {
+      lease: lease ?? { ttlSeconds: null, renewSeconds: 5 },
+      leaseRenewal: "external",
+    });
+    startPlatform(stack, lease, options.beatEveryMs ?? 500);
     await waitReplicating(stack);
     return report;
   } finally {
     await rt.close();
   }
+}
+
+function startPlatform(
+  stack: Stack,
+  lease: HaPlatform["lease"],
+  beatEveryMs: number,
+): void {
+  if (platforms.has(stack)) return;
+  const sites = { primary: stack.primary!, standby: stack.standby! };
+  const each = <T>(make: (c: typeof sites.primary) => T) =>
+    ({ primary: make(sites.primary), standby: make(sites.standby) }) as Record<SiteName, T>;
+  const platform: HaPlatform = {
+    net: each((c) => new PgNetWorker(c).start()),
+    leaseTick: each((c) =>
+      new SecondsCron(c, LEASE_TICK_COMMAND, (lease?.renewSeconds ?? 5) * 1000).start()
+    ),
+    beat: each((c) => new SecondsCron(c, "select ha.beat()", beatEveryMs).start()),
+    lease,
+  };
+  if (!lease) {
+    for (const t of Object.values(platform.leaseTick)) t.pause();
+  }
+  platforms.set(stack, platform);
+  stack.helpers.push({
+    stop: async () => {
+      await Promise.all([
+        ...Object.values(platform.net).map((w) => w.stop()),
+        ...Object.values(platform.leaseTick).map((w) => w.stop()),
+        ...Object.values(platform.beat).map((w) => w.stop()),
+      ]);
+    },
+  });
 }
 
 /** Waits until the subscription on whichever site subscribes has every table ready. */
@@ -286,4 +370,44 @@ export async function underWriteLoad<T>(
     await writers.stop();
     throw e;
   }
+}
+
+/** Everything a refused request must leave as it was. */
+export async function haState(stack: Stack): Promise<string> {
+  const parts: unknown[] = [];
+  for (const c of [stack.primary!, stack.standby!]) {
+    if (!c.running) {
+      parts.push(`${c.name} stopped`);
+      continue;
+    }
+    const sql = c.sql("supabase_admin", { max: 1 });
+    parts.push(
+      await sql`
+        select (select to_jsonb(s) - 'updated_at' - 'lease_until' - 'lease_renewed_at' from ha.state s) as state,
+               (select last_value from ha.write_token) as write_token,
+               (select coalesce(array_agg(x), '{}') from pg_db_role_setting d, unnest(d.setconfig) x where d.setrole = 0) as db_settings,
+               (select jsonb_agg(jsonb_build_object('name', subname, 'enabled', subenabled, 'slot', subslotname)) from pg_subscription) as subs,
+               (select array_agg(slot_name::text order by slot_name) from pg_replication_slots) as slots,
+               (select array_agg(schemaname || '.' || tablename order by 1, 2) from pg_publication_tables) as published,
+               (select count(*) from ha.operations) as operations,
+               (select jsonb_agg(jsonb_build_object('seq', sequencename, 'v', last_value) order by sequencename)
+                  from pg_sequences where schemaname = 'public') as sequences`,
+    );
+    await sql.end();
+  }
+  parts.push(
+    stack.pgbouncer!.running
+      ? await Deno.readTextFile(stack.pgbouncer!.databasesFile)
+      : "pgbouncer stopped",
+  );
+  if (stack.pgbouncer!.running) {
+    const admin = stack.pgbouncer!.admin();
+    const dbs = await admin.unsafe("SHOW DATABASES").simple();
+    parts.push(
+      dbs.filter((d: Record<string, unknown>) => d.name === "postgres").map((
+        d: Record<string, unknown>,
+      ) => [d.host, d.port, d.paused, d.disabled]),
+    );
+  }
+  return JSON.stringify(parts);
 }

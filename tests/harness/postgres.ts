@@ -5,13 +5,17 @@
  */
 import { createSql, type Sql } from "../../shared/db/mod.ts";
 import { mkdirOwned, type ServerUser, writeOwned } from "./os_user.ts";
-import { PG15_BIN, PG_ISREADY, type PgVersion } from "./paths.ts";
+import { PG15_BIN, PG_ISREADY, PGBOUNCER_DEPLOY_DIR, type PgVersion } from "./paths.ts";
 import { freePort } from "./ports.ts";
 import { runCommand, ServerProcess, waitFor } from "./process.ts";
 import { pgBinDir } from "./tools.ts";
 
 export type ShutdownMode = "smart" | "fast" | "immediate";
-export type PgRole = "postgres" | "supabase_admin";
+/**
+ * Roles a test logs in as: the bootstrap superuser, the platform's `postgres`, PostgREST's
+ * `authenticator`, and the application role PgBouncer uses (deploy/fly-pgbouncer/app_role.sql).
+ */
+export type PgRole = "postgres" | "supabase_admin" | "authenticator" | "app_writer";
 
 const SHUTDOWN_SIGNAL: Record<ShutdownMode, Deno.Signal> = {
   smart: "SIGTERM",
@@ -94,6 +98,8 @@ export class PgCluster {
     this.passwords = {
       supabase_admin: options.passwords?.supabase_admin ?? secret(),
       postgres: options.passwords?.postgres ?? secret(),
+      authenticator: options.passwords?.authenticator ?? secret(),
+      app_writer: options.passwords?.app_writer ?? secret(),
     };
   }
 
@@ -257,7 +263,11 @@ export class PgCluster {
     await Promise.all(clients.map((c) => c.end({ timeout: 2 }).catch(() => {})));
   }
 
-  /** Runs SQL text with psql as a role; secrets reach it through `env` and `\getenv`, not argv. */
+  /**
+   * Runs SQL text with psql as a role, the way an operator does (migrations, maintenance): its
+   * session lifts the read-only default a fenced or standby site has, so only the write guard
+   * stands between it and application tables. Secrets reach it through `env` and `\getenv`.
+   */
   async psql(
     sqlText: string,
     options: { role?: PgRole; env?: Record<string, string> } = {},
@@ -279,7 +289,12 @@ export class PgCluster {
     ];
     args.push("-f", "-");
     const r = await runCommand(`${PG15_BIN}/psql`, args, {
-      env: { ...options.env, PGPASSWORD: this.passwords[role], PGCONNECT_TIMEOUT: "10" },
+      env: {
+        ...options.env,
+        PGPASSWORD: this.passwords[role],
+        PGCONNECT_TIMEOUT: "10",
+        PGOPTIONS: "-c default_transaction_read_only=off",
+      },
       stdin: sqlText,
     });
     if (r.code !== 0) throw new Error(`psql on ${this.name} failed: ${r.stderr.trim()}`);
@@ -289,10 +304,23 @@ export class PgCluster {
   /** Creates what the Supabase platform provides before any customer migration runs. */
   async bootstrapPlatform(): Promise<void> {
     const sqlText = await Deno.readTextFile(new URL("./sql/platform.sql", import.meta.url));
-    await this.psql(sqlText, { env: { SA_POSTGRES_PASSWORD: this.passwords.postgres } });
+    await this.psql(sqlText, {
+      env: {
+        SA_POSTGRES_PASSWORD: this.passwords.postgres,
+        SA_AUTHENTICATOR_PASSWORD: this.passwords.authenticator,
+      },
+    });
     // Stand-ins for pg_net and Vault, which cannot be installed here (see the file's header).
     await this.psql(
       await Deno.readTextFile(new URL("./sql/platform_standins.sql", import.meta.url)),
     );
+  }
+
+  /** The application role PgBouncer logs in as, created by the very SQL we ship for it. */
+  async createAppRole(): Promise<void> {
+    await this.psql(await Deno.readTextFile(`${PGBOUNCER_DEPLOY_DIR}/app_role.sql`), {
+      role: "postgres",
+      env: { APP_DB_PASSWORD: this.passwords.app_writer },
+    });
   }
 }

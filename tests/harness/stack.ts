@@ -21,6 +21,7 @@ import { StorageStandIn } from "./storage.ts";
 import { dbPush } from "./supabase_cli.ts";
 import { type FunctionDeps, type FunctionsServer, serveFunctions } from "./functions.ts";
 import { serverToolsDir } from "./tools.ts";
+import { freePort } from "./ports.ts";
 import type { LogSink } from "../../shared/http/logger.ts";
 
 export interface StackOptions {
@@ -56,6 +57,8 @@ export interface StackTokens {
   api: string;
   failover: string;
   health: string;
+  /** HA_LEASE_TOKEN: what each site's Vault holds to renew its write lease. */
+  lease: string;
   serviceRole: string;
   anon: string;
 }
@@ -98,6 +101,10 @@ export class Stack {
   functions?: FunctionsServer;
   /** Started as an HA pair (see StackOptions.ha). */
   ha = false;
+  /** The port the functions listen on (chosen before they start, so env() can name it). */
+  functionsPort?: number;
+  /** Background helpers (lease ticker, pg_net worker) stopped with the stack. */
+  readonly helpers: { stop(): Promise<void> }[] = [];
   /** Milliseconds each phase of start-up took. */
   readonly timings: Record<string, number> = {};
   #stopped = false;
@@ -112,6 +119,7 @@ export class Stack {
       api: tokens?.api ?? token(),
       failover: tokens?.failover ?? token(),
       health: tokens?.health ?? token(),
+      lease: tokens?.lease ?? token(),
       serviceRole: tokens?.serviceRole ?? fakeSupabaseKey("service_role"),
       anon: tokens?.anon ?? fakeSupabaseKey("anon"),
     };
@@ -130,6 +138,7 @@ export class Stack {
       TOOLKIT_API_TOKEN: this.tokens.api,
       FAILOVER_TOKEN: this.tokens.failover,
       HEALTH_TOKEN: this.tokens.health,
+      HA_LEASE_TOKEN: this.tokens.lease,
       SUPABASE_SERVICE_ROLE_KEY: this.tokens.serviceRole,
       SUPABASE_ANON_KEY: this.tokens.anon,
       PGBOUNCER_ROUTER: "file",
@@ -145,6 +154,12 @@ export class Stack {
     if (this.ha && this.primary && this.standby) {
       env.PRIMARY_DB_URL = this.primary.url("supabase_admin");
       env.STANDBY_DB_URL = this.standby.url("supabase_admin");
+    }
+    if (this.functionsPort) {
+      // One local gateway serves both "regions": each site's lease is renewed through it.
+      const failover = `http://127.0.0.1:${this.functionsPort}/functions/v1/failover`;
+      env.PRIMARY_FAILOVER_URL = failover;
+      env.STANDBY_FAILOVER_URL = failover;
     }
     if (this.pgbouncer) {
       env.PGBOUNCER_ADMIN_URL = this.pgbouncer.adminUrl();
@@ -186,6 +201,7 @@ export class Stack {
       Deno.removeSignalListener("SIGINT", this.#signalHandler);
       Deno.removeSignalListener("SIGTERM", this.#signalHandler);
     }
+    await Promise.all(this.helpers.map((h) => h.stop().catch(() => {})));
     await this.functions?.stop().catch(() => {});
     await this.pgbouncer?.stop().catch(() => {});
     await this.storage?.stop().catch(() => {});
@@ -294,7 +310,11 @@ export async function startStack(
   }
   const stack = new Stack(name, dir, user, tokens);
   stack.ha = options.ha ?? false;
-  const shared = options.ha ? { postgres: crypto.randomUUID().replaceAll("-", "") } : undefined;
+  const secret = () => crypto.randomUUID().replaceAll("-", "");
+  // The HA pair shares the roles a client logs in with: PgBouncer and PostgREST reach either site.
+  const shared = options.ha
+    ? { postgres: secret(), app_writer: secret(), authenticator: secret() }
+    : undefined;
   try {
     if (options.versions?.length) await serverToolsDir(user);
     const settings = options.pgSettings;
@@ -333,6 +353,9 @@ export async function startStack(
       await c.bootstrapPlatform();
     }));
     mark("postgres");
+    if (options.ha) {
+      await Promise.all([stack.primary!, stack.standby!].map((c) => c.createAppRole()));
+    }
     if (options.storage) {
       if (!stack.primary) {
         throw new Error("The storage stand-in needs the primary (storage.objects).");
@@ -351,8 +374,11 @@ export async function startStack(
         baseDir: dir,
         user,
         upstream: { host: stack.primary.host, port: stack.primary.port },
-        appUser: "postgres",
-        appPassword: stack.primary.passwords.postgres,
+        // The HA endpoint logs in as the application role, never as postgres (app_role.sql).
+        appUser: options.ha ? "app_writer" : "postgres",
+        appPassword: options.ha
+          ? stack.primary.passwords.app_writer
+          : stack.primary.passwords.postgres,
         deployDir: PGBOUNCER_DEPLOY_DIR,
       });
       await stack.pgbouncer.start();
@@ -365,8 +391,9 @@ export async function startStack(
     }
     if (options.functions) {
       const f = typeof options.functions === "object" ? options.functions : {};
+      stack.functionsPort = f.port || freePort();
       stack.functions = await serveFunctions({ ...stack.env(), ...f.env }, {
-        port: f.port,
+        port: stack.functionsPort,
         logSink: f.logSink,
         deps: f.deps,
       });

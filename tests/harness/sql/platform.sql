@@ -6,7 +6,8 @@
 --   * extensions pre-created by the superuser (pg_stat_statements in `extensions`, pg_cron where
 --     the server has it) with the grants Supabase gives `postgres`;
 --   * the `auth` and `storage` tables the toolkit reads, with Supabase's columns and owners.
--- Run with psql; the postgres role's password arrives in $SA_POSTGRES_PASSWORD (not in argv).
+-- Run with psql; the postgres and authenticator roles' passwords arrive in $SA_POSTGRES_PASSWORD
+-- and $SA_AUTHENTICATOR_PASSWORD (not in argv).
 
 do $$
 begin
@@ -39,6 +40,9 @@ grant anon, authenticated, service_role to postgres with admin option;
 grant pg_monitor, pg_read_all_data, pg_signal_backend to postgres;
 \getenv postgres_password SA_POSTGRES_PASSWORD
 alter role postgres password :'postgres_password';
+-- PostgREST logs in as authenticator and switches to anon/authenticated/service_role per request.
+\getenv authenticator_password SA_AUTHENTICATOR_PASSWORD
+alter role authenticator password :'authenticator_password';
 
 alter database postgres owner to postgres;
 grant all on schema public to postgres;

@@ -2,9 +2,9 @@
 -- superuser after platform.sql:
 --   * pg_net: `net.http_post(...)` with pg_net's signature and defaults. Like pg_net it only
 --     queues the request in net.http_request_queue (the real extension's background worker then
---     sends it); here nothing sends it, so tests read the queue and replay the request themselves.
---   * Supabase Vault: vault.secrets, vault.decrypted_secrets and vault.create_secret() with
---     Vault's signatures. The secret column holds an encoding, not the plaintext, as in Vault
+--     sends it); tests/harness/pg_net.ts stands in for that worker where a test needs one.
+--   * Supabase Vault: vault.secrets, vault.decrypted_secrets, vault.create_secret() and
+--     vault.update_secret() with Vault's signatures. The secret column holds an encoding, not the plaintext, as in Vault
 --     (there it is ciphertext); decrypted_secrets decodes it.
 -- Grants follow hosted Supabase: `postgres` may call http_post, create secrets and read
 -- decrypted_secrets; anon and authenticated get nothing.
@@ -114,8 +114,34 @@ begin
 end;
 $$;
 
+-- Vault's rotation: null arguments leave a field as it is.
+create or replace function vault.update_secret(
+  secret_id uuid,
+  new_secret text default null,
+  new_name text default null,
+  new_description text default null,
+  new_key_id uuid default null
+)
+returns void
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  update vault.secrets s
+     set secret = coalesce(encode(convert_to(new_secret, 'UTF8'), 'base64'), s.secret),
+         name = coalesce(new_name, s.name),
+         description = coalesce(new_description, s.description),
+         key_id = coalesce(new_key_id, s.key_id),
+         updated_at = current_timestamp
+   where s.id = secret_id;
+end;
+$$;
+
 revoke all on vault.secrets, vault.decrypted_secrets from public;
 revoke all on function vault.create_secret(text, text, text, uuid) from public;
+revoke all on function vault.update_secret(uuid, text, text, text, uuid) from public;
+grant execute on function vault.update_secret(uuid, text, text, text, uuid) to postgres, service_role;
 grant select on vault.decrypted_secrets to postgres, service_role;
 grant select, delete on vault.secrets to postgres, service_role;
 grant execute on function vault.create_secret(text, text, text, uuid) to postgres, service_role;

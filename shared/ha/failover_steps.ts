@@ -1,0 +1,618 @@
+/**
+ * The failover's steps, as a table: each step's guard (what must still be true before it acts),
+ * its action (check-then-act, safe to run again after a crash anywhere inside it) and, for a
+ * planned switchover, its undo (run newest first when a later step fails before the repoint).
+ * The order of the arrays is the order of the operation.
+ *
+ *   planned / failback: seq_prebump → wait_lag → pause → freeze → marker → wait_marker → seq_sync
+ *     → detach → reverse → repoint → verify_routing → epoch → resume → postcheck
+ *   emergency: pause → lease_wait → rpo → detach → seq_sync → repoint → verify_routing → epoch
+ *     → resume → postcheck
+ */
+import type { Sql } from "../db/mod.ts";
+import { sleep, withDeadline } from "./deadline.ts";
+import {
+  endClientSessions,
+  liftFence,
+  openWriters,
+  setFence,
+  setReadOnlyDefault,
+} from "./fence.ts";
+import type { Limits } from "./failover_plan.ts";
+import { lastLeaseGranted, msUntilExpired, recordInitialGrant } from "./lease.ts";
+import type { Operation } from "./operations.ts";
+import {
+  appliedRemoteLsn,
+  ensurePublication,
+  ensureSubscription,
+  heartbeatOf,
+  scopeTables,
+  slotStatus,
+  SUBSCRIPTION,
+  subscriptionStatus,
+} from "./replication.ts";
+import type { Router } from "./routers.ts";
+import type { HaRuntime } from "./runtime.ts";
+import { siteUrl, storedScope, withWritableSession } from "./setup.ts";
+import type { SiteName } from "./sites.ts";
+import { readControlState } from "./state.ts";
+
+export type Details = Record<string, unknown>;
+
+/** What a step sees: the operation, both sites, the router, the limits, and the driver's lease. */
+export interface StepContext {
+  readonly op: Operation;
+  readonly rt: HaRuntime;
+  readonly limits: Limits;
+  readonly src: Sql;
+  readonly tgt: Sql;
+  readonly router: Router;
+  /** Persists a patch of op.data (e.g. the RPO) with the current step. */
+  data(patch: Details): Promise<void>;
+  /** Throws when the driver can no longer prove it holds the operation's lease. */
+  assertLease(): void;
+}
+
+export interface StepDef {
+  name: string;
+  /** Refuses (throws) when the world no longer matches what this step expects. */
+  guard?: (c: StepContext) => Promise<void>;
+  act: (c: StepContext) => Promise<Details | void>;
+  /** Planned only, before the repoint: undoes whatever the step may have done. Idempotent. */
+  undo?: (c: StepContext, failedHere: boolean) => Promise<string | void>;
+}
+
+export class StepFailed extends Error {
+  constructor(readonly step: string, message: string) {
+    super(message);
+    this.name = "StepFailed";
+  }
+}
+
+/** Polls `probe` until true; fails the step after `ms`; checks the lease on every round. */
+async function waitFor(
+  c: StepContext,
+  what: string,
+  ms: number,
+  probe: () => Promise<boolean>,
+  interval = 50,
+): Promise<number> {
+  const started = Date.now();
+  while (!(await probe())) {
+    c.assertLease();
+    if (Date.now() - started > ms) {
+      throw new StepFailed(c.op.step, `timed out after ${ms} ms waiting for ${what}`);
+    }
+    await sleep(interval);
+  }
+  return Date.now() - started;
+}
+
+function endpointOf(c: StepContext, site: SiteName) {
+  const e = c.rt.sites.get(site).endpoint;
+  return { host: e.host, port: e.port, dbname: e.database };
+}
+
+/** Drops a replication slot once its walsender has gone (check-then-act, bounded). */
+async function dropSlot(sql: Sql, slot: string): Promise<void> {
+  const until = Date.now() + 15_000;
+  while (true) {
+    const rows =
+      await sql`select active, active_pid from pg_replication_slots where slot_name = ${slot}`;
+    if (!rows.length) return;
+    if (!rows[0].active) {
+      try {
+        await sql`select pg_drop_replication_slot(${slot})`;
+        return;
+      } catch (e) {
+        const code = (e as { code?: string }).code;
+        if (code !== "55006" && code !== "42704") throw e;
+      }
+    } else if (Date.now() > until - 5_000) {
+      await sql`select pg_terminate_backend(${rows[0].active_pid})`;
+    }
+    if (Date.now() > until) throw new Error(`replication slot ${slot} is still in use`);
+    await sleep(10);
+  }
+}
+
+async function dropSubscription(c: StepContext, sql: Sql, publisher: SiteName | null) {
+  const sub = await subscriptionStatus(sql);
+  if (!sub.exists) return;
+  await withWritableSession(sql, async (s) => {
+    await s.unsafe(`alter subscription "${SUBSCRIPTION}" disable`);
+    await s.unsafe(`alter subscription "${SUBSCRIPTION}" set (slot_name = none)`);
+    await s.unsafe(`drop subscription "${SUBSCRIPTION}"`);
+  });
+  if (publisher && sub.slotName) await dropSlot(c.rt.sites.get(publisher).ops, sub.slotName);
+}
+
+interface SequenceRow {
+  schema: string;
+  name: string;
+  last: number;
+  max: number;
+}
+
+async function sequenceState(sql: Sql, schemas: string[], columnMax: boolean) {
+  const rows = await sql`select * from ha.sequence_state(${schemas}::text[], ${columnMax})`;
+  return new Map<string, SequenceRow>(rows.map((r) => [
+    `${r.schemaname}\u0000${r.sequencename}`,
+    {
+      schema: r.schemaname,
+      name: r.sequencename,
+      last: r.last_value === null ? 0 : Number(r.last_value),
+      max: r.column_max === null ? 0 : Number(r.column_max),
+    },
+  ]));
+}
+
+/** Raises the target's sequences to the given values in one statement; returns how many moved. */
+async function raiseSequences(sql: Sql, want: SequenceRow[], value: (s: SequenceRow) => number) {
+  if (want.length === 0) return 0;
+  const [{ n }] = await sql.begin(
+    "read write",
+    (tx) =>
+      tx`select ha.raise_sequences(${want.map((s) => s.schema)}::text[], ${
+        want.map((s) => s.name)
+      }::text[], ${want.map(value)}::bigint[]) as n`,
+  );
+  return Number(n);
+}
+
+/** The control rows must still say what an operation at this point expects. */
+function expectRoles(roles: { source?: string[]; target?: string[] }, maxEpoch: "from" | "to") {
+  return async (c: StepContext): Promise<void> => {
+    // An emergency's source is presumed unreachable: only the target is asked.
+    const [s, t] = await Promise.all([
+      c.op.kind === "emergency"
+        ? undefined
+        : withDeadline(readControlState(c.src), 5000, "the source").catch(() => undefined),
+      readControlState(c.tgt),
+    ]);
+    const limit = maxEpoch === "from" ? c.op.epochFrom! : c.op.epochTo!;
+    for (
+      const [name, state, want] of [["source", s, roles.source], [
+        "target",
+        t,
+        roles.target,
+      ]] as const
+    ) {
+      if (!state) continue;
+      if (state.epoch > limit) {
+        throw new StepFailed(
+          c.op.step,
+          `the ${name} is at epoch ${state.epoch}, past this operation's ${limit}: the pair moved on`,
+        );
+      }
+      if (want && !want.includes(state.role)) {
+        throw new StepFailed(
+          c.op.step,
+          `the ${name} has role ${state.role}, expected ${want.join(" or ")}`,
+        );
+      }
+    }
+  };
+}
+
+// --- the steps -------------------------------------------------------------------------------
+
+const seqPrebump: StepDef = {
+  name: "seq_prebump",
+  guard: expectRoles({ source: ["primary"], target: ["standby"] }, "from"),
+  // Outside the pause: every target sequence at least the source's value (or its column's
+  // largest value) plus a wide margin, so the exact sync in the pause has little left to do.
+  act: async (c) => {
+    const src = await sequenceState(c.src, c.limits.sequenceSchemas, true);
+    const rows = [...src.values()];
+    const moved = await raiseSequences(
+      c.tgt,
+      rows,
+      (s) => Math.max(s.last, s.max) + c.limits.prebumpMargin,
+    );
+    return { sequences: rows.length, raised: moved, margin: c.limits.prebumpMargin };
+  },
+};
+
+const waitLag: StepDef = {
+  name: "wait_lag",
+  act: async (c) => {
+    const sub = await subscriptionStatus(c.tgt);
+    if (!sub.exists || !sub.slotName) {
+      throw new StepFailed("wait_lag", `no subscription on site ${c.op.target}`);
+    }
+    let lag: number | null = null;
+    const waited = await waitFor(
+      c,
+      `replication lag below ${c.limits.lowLagBytes} bytes`,
+      c.limits.lagWaitMs,
+      async () => {
+        lag = (await slotStatus(c.src, sub.slotName!)).lagBytes ?? null;
+        return lag !== null && lag <= c.limits.lowLagBytes;
+      },
+      100,
+    );
+    return { lag_bytes: lag, waited_ms: waited };
+  },
+};
+
+const pausePlanned: StepDef = {
+  name: "pause",
+  guard: expectRoles({ source: ["primary"], target: ["standby"] }, "from"),
+  act: async (c) => {
+    await c.router.pause(c.limits.pauseTimeoutMs);
+  },
+  // A PAUSE that failed undid itself; only resume what is actually paused (a router held by
+  // someone else cannot be resumed by us, and need not be).
+  undo: async (c, failedHere) => {
+    const paused = failedHere ? (await c.router.current()).paused : true;
+    if (!paused) return;
+    await c.router.resume();
+    return "PgBouncer resumed";
+  },
+};
+
+const freeze: StepDef = {
+  name: "freeze",
+  guard: expectRoles({ source: ["primary"], target: ["standby"] }, "from"),
+  // The write token is revoked first: from that instant the guard refuses every write on the
+  // source, whatever the client does. Then the fast path (read-only default, sessions ended),
+  // and a wait until no transaction that passed the guard before the fence is still open.
+  act: async (c) => {
+    await setFence(c.src, "frozen", null, undefined, c.op.id);
+    await setReadOnlyDefault(c.src, true);
+    let terminated = await endClientSessions(c.src);
+    await waitFor(
+      c,
+      "the last write transaction on the source to end",
+      c.limits.freezeTimeoutMs,
+      async () => {
+        if ((await openWriters(c.src)) === 0) return true;
+        terminated += await endClientSessions(c.src);
+        return false;
+      },
+    );
+    const prepared = await c
+      .src`select gid from pg_prepared_xacts where database = current_database()`;
+    if (prepared.length) {
+      throw new StepFailed(
+        "freeze",
+        `${prepared.length} prepared transaction(s) are open on the source; commit or roll them back first`,
+      );
+    }
+    return { terminated };
+  },
+  undo: async (c) => {
+    const s = await readControlState(c.src);
+    if (s?.role === "primary" && s.epoch === c.op.epochFrom) {
+      await liftFence(c.src, c.op.epochFrom!, "keep");
+    }
+    await setReadOnlyDefault(c.src, false);
+    return "source unfrozen";
+  },
+};
+
+const marker: StepDef = {
+  name: "marker",
+  act: async (c) => {
+    const token = String(c.op.data.marker_token);
+    await c.src.begin(
+      "read write",
+      (tx) =>
+        tx`insert into ha.markers (token, epoch, operation_id) values (${token}, ${c.op.epochTo}, ${c.op.id})
+           on conflict (token) do nothing`,
+    );
+    const [{ lsn }] = await c.src`select pg_current_wal_lsn()::text as lsn`;
+    return { source_lsn: lsn };
+  },
+};
+
+const waitMarker: StepDef = {
+  name: "wait_marker",
+  act: async (c) => {
+    const token = String(c.op.data.marker_token);
+    const waited = await waitFor(
+      c,
+      "the marker to arrive on the target",
+      c.limits.markerTimeoutMs,
+      async () => (await c.tgt`select 1 from ha.markers where token = ${token}`).length > 0,
+      10,
+    );
+    return { waited_ms: waited };
+  },
+};
+
+/**
+ * In the pause: every target sequence above max(source, target) + margin. One read per site and
+ * one set-based raise; the column maxima were folded into the prebump (outside the pause) and the
+ * target's own are read here, after the marker, so rows with explicit ids count.
+ */
+const seqSync: StepDef = {
+  name: "seq_sync",
+  act: async (c) => {
+    const emergency = c.op.kind === "emergency";
+    const margin = emergency ? c.limits.emergencySequenceMargin : c.limits.sequenceMargin;
+    const [tgt, src] = await Promise.all([
+      sequenceState(c.tgt, c.limits.sequenceSchemas, true),
+      emergency
+        ? Promise.resolve(new Map<string, SequenceRow>())
+        : sequenceState(c.src, c.limits.sequenceSchemas, false),
+    ]);
+    const rows = [...tgt.values()];
+    const value = (t: SequenceRow) => {
+      const s = src.get(`${t.schema}\u0000${t.name}`);
+      return Math.max(t.last, t.max, s?.last ?? 0, s?.max ?? 0) + margin;
+    };
+    return { sequences: rows.length, raised: await raiseSequences(c.tgt, rows, value), margin };
+  },
+};
+
+const detach: StepDef = {
+  name: "detach",
+  guard: expectRoles({ target: ["standby"] }, "from"),
+  act: async (c) => {
+    await dropSubscription(c, c.tgt, c.op.kind === "emergency" ? null : c.op.source);
+  },
+  undo: async (c) => {
+    if ((await subscriptionStatus(c.tgt)).exists) return;
+    await dropSlot(c.src, SUBSCRIPTION);
+    await withWritableSession(
+      c.tgt,
+      (s) => ensureSubscription(s, siteUrl(c.rt, c.op.source), { copyData: false }),
+    );
+    return "forward subscription re-created (copy_data=false; the source was frozen)";
+  },
+};
+
+const reverse: StepDef = {
+  name: "reverse",
+  act: async (c) => {
+    const tables = await scopeTables(c.tgt, await storedScope(c.tgt));
+    await ensurePublication(c.tgt, tables);
+    await withWritableSession(
+      c.src,
+      (s) => ensureSubscription(s, siteUrl(c.rt, c.op.target), { copyData: false }),
+    );
+    return { publisher: c.op.target, subscriber: c.op.source };
+  },
+  undo: async (c) => {
+    await dropSubscription(c, c.src, c.op.target);
+    return "reverse subscription dropped";
+  },
+};
+
+const repoint: StepDef = {
+  name: "repoint",
+  // The router never goes back in epoch (it refuses too); a route past ours means the pair moved on.
+  guard: async (c) => {
+    const cur = await c.router.current();
+    if (cur.epoch !== null && cur.epoch > c.op.epochTo!) {
+      throw new StepFailed("repoint", `PgBouncer already carries epoch ${cur.epoch}`);
+    }
+  },
+  act: async (c) => {
+    const cur = await c.router.current();
+    if (c.rt.siteAt(cur.target) === c.op.target && cur.epoch === c.op.epochTo) {
+      return { skipped: "already routed" };
+    }
+    await c.router.route(endpointOf(c, c.op.target), c.op.epochTo!);
+    return { routed_to: c.op.target, epoch: c.op.epochTo };
+  },
+};
+
+const verifyRouting: StepDef = {
+  name: "verify_routing",
+  act: async (c) => {
+    const cur = await c.router.current();
+    if (c.rt.siteAt(cur.target) !== c.op.target || cur.epoch !== c.op.epochTo) {
+      throw new StepFailed(
+        "verify_routing",
+        `PgBouncer routes to ${
+          c.rt.siteAt(cur.target)
+        } at epoch ${cur.epoch}, expected ${c.op.target} at ${c.op.epochTo}`,
+      );
+    }
+    return { routed_to: c.op.target, epoch: cur.epoch };
+  },
+};
+
+/**
+ * Planned: the source is demoted (token revoked again, role standby at the new epoch), records
+ * the target's first lease, and the target's fence is lifted — the step's last act.
+ */
+const epochPlanned: StepDef = {
+  name: "epoch",
+  guard: expectRoles({}, "to"),
+  act: async (c) => {
+    await setFence(c.src, "standby", c.op.epochTo!);
+    const grant = await recordInitialGrant(c.src, c.op.target, c.op.epochTo!);
+    await setReadOnlyDefault(c.tgt, false);
+    await liftFence(c.tgt, c.op.epochTo!, grant === "off" ? "keep" : grant);
+    return {
+      target: "primary",
+      source: "standby",
+      epoch: c.op.epochTo,
+      lease: grant === "off" ? "off" : "granted by the source",
+    };
+  },
+};
+
+/**
+ * Emergency: the source is fenced if it can be reached at all; the target becomes primary with an
+ * infinite lease (no standby is left to grant one until the old site is rejoined).
+ */
+const epochEmergency: StepDef = {
+  name: "epoch",
+  guard: expectRoles({}, "to"),
+  act: async (c) => {
+    let source = "unreachable";
+    try {
+      await withDeadline(
+        setFence(
+          c.src,
+          "fenced",
+          c.op.epochTo!,
+          `replaced by site ${c.op.target} in emergency operation ${c.op.id}`,
+        ),
+        5000,
+        "source",
+      );
+      source = "fenced";
+    } catch {
+      // Unreachable: its lease has run out (lease_wait), and it fences itself on its next tick.
+    }
+    await setReadOnlyDefault(c.tgt, false);
+    await liftFence(c.tgt, c.op.epochTo!, "infinity");
+    return { target: "primary", source, epoch: c.op.epochTo };
+  },
+};
+
+const resume: StepDef = {
+  name: "resume",
+  act: async (c) => {
+    await c.router.resume();
+  },
+};
+
+const postcheck: StepDef = {
+  name: "postcheck",
+  act: async (c) => {
+    const token = String(c.op.data.post_token);
+    await c.tgt.begin(
+      "read write",
+      (tx) =>
+        tx`insert into ha.markers (token, epoch, operation_id) values (${token}, ${c.op.epochTo}, ${c.op.id}) on conflict (token) do nothing`,
+    );
+    if (c.op.kind === "emergency") return { write_test: "ok" };
+    try {
+      const waited = await waitFor(
+        c,
+        "the post-check marker to replicate back",
+        15_000,
+        async () => (await c.src`select 1 from ha.markers where token = ${token}`).length > 0,
+        100,
+      );
+      return { write_test: "ok", reverse_replication_ms: waited };
+    } catch (e) {
+      if (!(e instanceof StepFailed)) throw e;
+      return {
+        write_test: "ok",
+        reverse_replication: "not confirmed",
+        warning: "reverse replication did not deliver the post-check marker within 15 s",
+      };
+    }
+  },
+};
+
+// --- emergency-only steps -------------------------------------------------------------------
+
+const pauseEmergency: StepDef = {
+  name: "pause",
+  // Server connections stuck on a dead primary can hold PAUSE up; their transactions are lost
+  // either way, so an emergency carries on unpaused rather than waiting. (KILL is not used:
+  // after a KILL, PgBouncer 1.18 leaves new logins hanging even after RESUME.)
+  act: async (c) => {
+    try {
+      await c.router.pause(c.limits.emergencyPauseTimeoutMs);
+      return { paused: true };
+    } catch (e) {
+      return {
+        paused: false,
+        note: `PAUSE did not finish (${e instanceof Error ? e.message : e}); continuing unpaused`,
+      };
+    }
+  },
+};
+
+/**
+ * No promotion while the old primary may still hold a lease: grants stop (the operation is
+ * recorded here, and the grant path refuses while it runs), and the step waits until the last
+ * grant has run out on this site's clock, plus the margin.
+ */
+const leaseWait: StepDef = {
+  name: "lease_wait",
+  act: async (c) => {
+    const [{ ttl }] = await c.tgt`select lease_ttl_seconds as ttl from ha.state where id`;
+    if (ttl === null) {
+      return {
+        lease: "off",
+        warning:
+          `with the lease off, site ${c.op.source} keeps accepting writes from clients that reach it until it is fenced`,
+      };
+    }
+    const until = await lastLeaseGranted(c.tgt, c.op.source);
+    if (!until) return { lease: "never granted", waited_ms: 0 };
+    const started = Date.now();
+    while (true) {
+      c.assertLease();
+      const left = await msUntilExpired(c.tgt, until);
+      if (left <= 0) break;
+      if (Date.now() - started > c.limits.leaseWaitMs) {
+        throw new StepFailed(
+          "lease_wait",
+          `the old primary's lease lasts ${Math.round(left)} ms more than the wait allows`,
+        );
+      }
+      await sleep(Math.min(left, 250));
+    }
+    const rec = { last_lease_until: until.toISOString(), waited_ms: Date.now() - started };
+    await c.data({ lease_wait: rec });
+    return rec;
+  },
+};
+
+const rpo: StepDef = {
+  name: "rpo",
+  act: async (c) => {
+    const sub = await subscriptionStatus(c.tgt);
+    if (!sub.exists) return { note: "subscription already detached; RPO recorded earlier" };
+    const beat = await heartbeatOf(c.tgt, c.op.source);
+    const estimate = {
+      heartbeat_at: beat?.beatAt ?? null,
+      heartbeat_age_seconds: beat?.ageSeconds ?? null,
+      applied_remote_lsn: await appliedRemoteLsn(c.tgt),
+      last_message_at: sub.lastMessageAt ?? null,
+      estimate: beat
+        ? `every commit on site ${c.op.source} before ${beat.beatAt} is on site ${c.op.target}; commits in the last ${beat.ageSeconds} s before the failover may be missing`
+        : "no heartbeat from the old primary was ever applied (is pg_cron running ha_heartbeat there?): the loss window is unknown",
+    };
+    await c.data({ rpo: estimate });
+    return estimate;
+  },
+};
+
+export const PLANNED: readonly StepDef[] = [
+  seqPrebump,
+  waitLag,
+  pausePlanned,
+  freeze,
+  marker,
+  waitMarker,
+  seqSync,
+  detach,
+  reverse,
+  repoint,
+  verifyRouting,
+  epochPlanned,
+  resume,
+  postcheck,
+];
+
+export const EMERGENCY: readonly StepDef[] = [
+  pauseEmergency,
+  leaseWait,
+  rpo,
+  detach,
+  seqSync,
+  repoint,
+  verifyRouting,
+  epochEmergency,
+  resume,
+  postcheck,
+];
+
+/** Planned operations roll back before this step and fail closed from it on. */
+export const POINT_OF_NO_RETURN = "repoint";
+
+export const PLANNED_STEPS = PLANNED.map((s) => s.name);
+export const EMERGENCY_STEPS = EMERGENCY.map((s) => s.name);
