@@ -109,8 +109,10 @@ export function createHealthApp(config: HealthConfig, deps: HealthDeps = {}): Fu
     {
       method: "get",
       path: "/liveness",
-      summary: "The function process answers (no SQL; open even without HEALTH_TOKEN)",
+      summary:
+        "The function process answers (no SQL). Needs the token like every route, except when HEALTH_TOKEN is unset: then it is the one route that answers",
       auth: false,
+      authorize: (c) => livenessAuth(c, config.healthToken),
       query: TokenOnly,
       responses: { 200: { description: "Alive", schema: ProbeBody } },
     },
@@ -317,4 +319,18 @@ async function dashboardAuth(
   const cookie = readCookie(c.req.header("cookie"), DASHBOARD_COOKIE);
   if (cookie === undefined || !(await constantTimeEqual(cookie, expected))) throw unauthorized();
   return undefined;
+}
+
+/** Liveness: the usual token check when HEALTH_TOKEN is set; open when it is not. */
+async function livenessAuth(c: AppContext, token: string | undefined): Promise<void> {
+  if (token === undefined || token.trim() === "") return;
+  if (!isUsableToken(token)) {
+    throw new HttpError(503, "not_configured", "HEALTH_TOKEN is too short.");
+  }
+  const presented = bearerToken(c.req.header("authorization")) ?? c.req.query("token");
+  if (presented === undefined || !(await constantTimeEqual(presented, token))) {
+    throw new HttpError(401, "unauthorized", "A valid bearer token is required.", undefined, {
+      "WWW-Authenticate": 'Bearer realm="sa-toolkit"',
+    });
+  }
 }

@@ -39,8 +39,6 @@ export interface TokenPolicy {
   token: string | undefined;
   /** Health monitors that cannot send headers may pass `?token=`. */
   allowQueryToken?: boolean;
-  /** When true an unset token leaves the routes open (health probes only). */
-  openWhenUnset?: boolean;
 }
 
 export function isUsableToken(token: string | undefined): token is string {
@@ -57,7 +55,6 @@ export function requireToken(policy: TokenPolicy): MiddlewareHandler {
   return async (c, next) => {
     const configured = policy.token;
     if (configured === undefined || configured === "") {
-      if (policy.openWhenUnset) return await next();
       throw new HttpError(
         503,
         "not_configured",

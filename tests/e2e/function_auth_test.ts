@@ -81,7 +81,7 @@ Deno.test("every function is token-gated, fails closed when unconfigured, and an
 
       await stack.step(
         t,
-        "without tokens configured, token-gated functions answer 503 and health stays open",
+        "without tokens configured, functions answer 503; health answers only /liveness",
         async () => {
           const env = stack.env();
           delete env.TOOLKIT_API_TOKEN;
@@ -100,6 +100,20 @@ Deno.test("every function is token-gated, fails closed when unconfigured, and an
             const health = await fetch(bare.url("health") + "/liveness");
             assert.equal(health.status, 200);
             await health.body?.cancel();
+            for (
+              const path of [
+                "/readiness",
+                "/primary",
+                "/standby",
+                "/replication",
+                "/pgbouncer",
+                "/dashboard",
+              ]
+            ) {
+              const res = await fetch(bare.url("health") + path);
+              assert.equal(res.status, 503, path);
+              assert.equal((await res.json()).error, "not_configured", path);
+            }
           } finally {
             await bare.stop();
           }

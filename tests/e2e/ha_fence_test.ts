@@ -10,7 +10,6 @@
  * disabled guard is reported, and GET routes never fence anything.
  */
 import assert from "node:assert/strict";
-import type { Sql } from "../../shared/db/mod.ts";
 import { createSql } from "../../shared/db/mod.ts";
 import { DataApi } from "../harness/data_api.ts";
 import { failoverClient, healthClient } from "../harness/ha_client.ts";

@@ -129,9 +129,7 @@ Deno.test("health probes: healthy, faults, deadlines, auth and bad input", async
       t,
       "401 without or with a wrong token on every route; ?token= works for monitors",
       async () => {
-        // Liveness runs no SQL and is the one route open without a token (and without HEALTH_TOKEN).
-        assert.equal((await h.get("/liveness", {})).status, 200);
-        for (const p of PROBES.filter((x) => x !== "/liveness")) {
+        for (const p of PROBES) {
           assert.equal((await h.get(p, {})).status, 401, p);
           assert.equal(
             (await h.get(p, { authorization: `Bearer ${stack.tokens.health}x` })).status,

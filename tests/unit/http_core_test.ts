@@ -161,24 +161,6 @@ Deno.test("the request log never contains the token or the query string", async 
   assert.doesNotMatch(logs.lines.join("\n"), new RegExp(TOKEN));
 });
 
-Deno.test("an open-when-unset policy (health probes) lets requests through without a token", async () => {
-  const a = new FunctionApp({
-    name: "health",
-    auth: { variable: "HEALTH_TOKEN", token: undefined, openWhenUnset: true },
-    logSink: memorySink().sink,
-  });
-  a.route({
-    method: "get",
-    path: "/liveness",
-    summary: "x",
-    responses: { 200: { description: "ok" } },
-  }, (_i, c) => c.json({ ok: true }));
-  assert.equal((await a.request("/health/liveness")).status, 200);
-  const head = await a.request("/health/liveness", { method: "HEAD" });
-  assert.equal(head.status, 200);
-  assert.equal(await head.text(), "");
-});
-
 Deno.test("an incoming well-formed request id is echoed, a malformed one replaced", async () => {
   const a = app(TOKEN);
   const ok = await a.request("/demo/", { headers: { ...auth, "x-request-id": "req-12345678" } });
