@@ -22,6 +22,7 @@ import { dbPush } from "./supabase_cli.ts";
 import { type FunctionDeps, type FunctionsServer, serveFunctions } from "./functions.ts";
 import { serverToolsDir } from "./tools.ts";
 import { freePort } from "./ports.ts";
+import { TcpProxy } from "./tcp_proxy.ts";
 import type { LogSink } from "../../shared/http/logger.ts";
 
 export interface StackOptions {
@@ -49,6 +50,12 @@ export interface StackOptions {
    * health functions superuser URLs: on PostgreSQL 15 only a superuser may own a subscription.
    */
   ha?: boolean;
+  /**
+   * HA pair only: put a TCP proxy in front of each site for everything but the site's own
+   * clients — the functions, the other site's subscription, PgBouncer — so a test can cut a site
+   * off (`stack.proxies.primary.cut()`) while its own Data API still reaches it.
+   */
+  partitionable?: boolean;
   /** Settings added to every PostgreSQL cluster's postgresql.conf. */
   pgSettings?: Record<string, string | number | boolean>;
 }
@@ -103,6 +110,8 @@ export class Stack {
   ha = false;
   /** The port the functions listen on (chosen before they start, so env() can name it). */
   functionsPort?: number;
+  /** With StackOptions.partitionable: the path to each site from the functions and the other site. */
+  proxies?: { primary: TcpProxy; standby: TcpProxy };
   /** Background helpers (lease ticker, pg_net worker) stopped with the stack. */
   readonly helpers: { stop(): Promise<void> }[] = [];
   /** Milliseconds each phase of start-up took. */
@@ -152,8 +161,8 @@ export class Stack {
     }
     if (this.standby) env.STANDBY_DB_URL = this.standby.url("postgres");
     if (this.ha && this.primary && this.standby) {
-      env.PRIMARY_DB_URL = this.primary.url("supabase_admin");
-      env.STANDBY_DB_URL = this.standby.url("supabase_admin");
+      env.PRIMARY_DB_URL = this.#viaProxy(this.primary.url("supabase_admin"), "primary");
+      env.STANDBY_DB_URL = this.#viaProxy(this.standby.url("supabase_admin"), "standby");
     }
     if (this.functionsPort) {
       // One local gateway serves both "regions": each site's lease is renewed through it.
@@ -175,6 +184,14 @@ export class Stack {
     }
     if (this.storage) env.SUPABASE_URL = this.storage.origin;
     return env;
+  }
+
+  #viaProxy(url: string, site: "primary" | "standby"): string {
+    const proxy = this.proxies?.[site];
+    if (!proxy) return url;
+    const u = new URL(url);
+    u.port = String(proxy.port);
+    return u.toString();
   }
 
   /** Marks the stack's run as failed so `withStack` keeps its logs (test steps report, not throw). */
@@ -202,6 +219,7 @@ export class Stack {
       Deno.removeSignalListener("SIGTERM", this.#signalHandler);
     }
     await Promise.all(this.helpers.map((h) => h.stop().catch(() => {})));
+    await Promise.all(Object.values(this.proxies ?? {}).map((p) => p.stop()));
     await this.functions?.stop().catch(() => {});
     await this.pgbouncer?.stop().catch(() => {});
     await this.storage?.stop().catch(() => {});
@@ -355,6 +373,12 @@ export async function startStack(
     mark("postgres");
     if (options.ha) {
       await Promise.all([stack.primary!, stack.standby!].map((c) => c.createAppRole()));
+      if (options.partitionable) {
+        stack.proxies = {
+          primary: new TcpProxy(stack.primary!.host, stack.primary!.port).start(),
+          standby: new TcpProxy(stack.standby!.host, stack.standby!.port).start(),
+        };
+      }
     }
     if (options.storage) {
       if (!stack.primary) {
@@ -373,7 +397,10 @@ export async function startStack(
       stack.pgbouncer = new PgBouncer({
         baseDir: dir,
         user,
-        upstream: { host: stack.primary.host, port: stack.primary.port },
+        upstream: {
+          host: stack.primary.host,
+          port: stack.proxies?.primary.port ?? stack.primary.port,
+        },
         // The HA endpoint logs in as the application role, never as postgres (app_role.sql).
         appUser: options.ha ? "app_writer" : "postgres",
         appPassword: options.ha

@@ -1,8 +1,8 @@
 /**
  * A TCP proxy in front of a server: the path the failover function, the standby's subscription
  * and PgBouncer take to a site, so a test can partition the site from them (`cut()`: every
- * connection through it is dropped and new ones are refused) while clients that connect to the
- * site directly — its own Data API — still reach it.
+ * connection through it is dropped and the port stops listening, so new ones are refused) while
+ * clients that connect to the site directly — its own Data API — still reach it.
  */
 import { freePort } from "./ports.ts";
 
@@ -28,11 +28,18 @@ export class TcpProxy {
   /** Partition: drop every connection through the proxy and refuse new ones. */
   cut(): void {
     this.#cut = true;
+    try {
+      this.#listener?.close();
+    } catch {
+      // already closed
+    }
+    this.#listener = undefined;
     for (const c of this.#conns) this.#close(c);
   }
 
   heal(): void {
     this.#cut = false;
+    if (!this.#listener) this.start();
   }
 
   async stop(): Promise<void> {
@@ -55,12 +62,16 @@ export class TcpProxy {
   }
 
   async #accept(listener: Deno.Listener): Promise<void> {
-    for await (const client of listener) {
-      if (this.#cut) {
-        this.#close(client);
-        continue;
+    try {
+      for await (const client of listener) {
+        if (this.#cut) {
+          this.#close(client);
+          continue;
+        }
+        void this.#pipe(client);
       }
-      void this.#pipe(client);
+    } catch {
+      // the listener was closed (cut or stop)
     }
   }
 
