@@ -2,7 +2,8 @@
 # PgBouncer for the SA Toolkit's HA endpoint.
 #
 #   entrypoint.sh [serve]                  render the configuration, then exec PgBouncer (default)
-#   entrypoint.sh route HOST PORT DB [EPOCH] persist a new upstream (and its epoch), then RELOAD
+#   entrypoint.sh route HOST PORT DB [EPOCH] persist a new upstream (and its epoch), then RELOAD;
+#                                          refused (exit 3) below the persisted epoch
 #   entrypoint.sh target                   print the persisted databases file
 #   entrypoint.sh show                     print "host port dbname paused disabled epoch" as PgBouncer sees it
 #   entrypoint.sh pause [SECONDS]          PAUSE the routed database, RESUME again if it takes longer
@@ -159,8 +160,29 @@ client_tls_key_file = $PGBOUNCER_CONF_DIR/client.key"
   exec "$PGBOUNCER_BIN" "$PGBOUNCER_CONF_DIR/pgbouncer.ini"
 }
 
+# The persisted epoch (empty when none).
+held_epoch() {
+  sed -n 's/^;; epoch=\([0-9]*\)$/\1/p' "$DATABASES_FILE" 2>/dev/null | head -n 1
+}
+
+# An epoch names one primary: never route back to a lower epoch, nor elsewhere at the same one.
+check_epoch_order() {
+  held=$(held_epoch)
+  [ -n "$held" ] && [ -n "${4:-}" ] || return 0
+  case "$4" in *[!0-9]*) die "epoch must be a number" ;; esac
+  if [ "$4" -lt "$held" ]; then
+    log "refused: epoch $4 is older than the persisted epoch $held"
+    exit 3
+  fi
+  if [ "$4" -eq "$held" ] && ! grep -q "^$PGBOUNCER_DATABASE = host=$1 port=$2 dbname=$3\$" "$DATABASES_FILE"; then
+    log "refused: epoch $4 already routes $PGBOUNCER_DATABASE elsewhere"
+    exit 3
+  fi
+}
+
 route() {
   [ $# -eq 3 ] || [ $# -eq 4 ] || die "usage: entrypoint.sh route HOST PORT DBNAME [EPOCH]"
+  check_epoch_order "$@"
   write_target "$@"
   admin_psql -c "RELOAD" >/dev/null
   log "routed $PGBOUNCER_DATABASE to $1:$2 (epoch ${4:-none}) and reloaded"
@@ -168,7 +190,7 @@ route() {
 
 # SHOW DATABASES, read by column name (the column set differs between PgBouncer versions).
 show() {
-  epoch=$(sed -n 's/^;; epoch=\([0-9]*\)$/\1/p' "$DATABASES_FILE" 2>/dev/null | head -n 1)
+  epoch=$(held_epoch)
   admin_psql -A -F '|' -c "SHOW DATABASES" | awk -F '|' -v db="$PGBOUNCER_DATABASE" -v epoch="${epoch:--}" '
     NR == 1 { for (i = 1; i <= NF; i++) col[$i] = i; next }
     $col["name"] == db { print $col["host"], $col["port"], $col["database"], $col["paused"], $col["disabled"], epoch }'

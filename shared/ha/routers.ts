@@ -20,6 +20,30 @@ export interface RouteState {
   disabled: boolean;
 }
 
+/**
+ * Every router refuses (409 `stale_epoch`) a route at an epoch lower than the one it holds, or a
+ * different target at the same epoch: an epoch names one primary, and a replayed or stale
+ * operation must not move the endpoint back.
+ */
+export function checkEpochOrder(
+  current: { target?: pgb.RouteTarget; epoch: number | null },
+  target: pgb.RouteTarget,
+  epoch: number,
+): void {
+  if (current.epoch === null) return;
+  const same = current.target?.host === target.host && current.target?.port === target.port &&
+    current.target?.dbname === target.dbname;
+  if (epoch < current.epoch || (epoch === current.epoch && !same)) {
+    throw new HttpError(
+      409,
+      "stale_epoch",
+      `PgBouncer holds epoch ${current.epoch}; a route at epoch ${epoch}${
+        epoch === current.epoch ? " to another upstream" : ""
+      } is refused.`,
+    );
+  }
+}
+
 export interface Router {
   readonly kind: "file" | "fly";
   pause(timeoutMs: number): Promise<void>;
@@ -78,6 +102,11 @@ export class FileRouter implements Router {
 
   async route(target: pgb.RouteTarget, epoch: number): Promise<void> {
     const text = pgb.renderDatabasesFile(this.database, target, epoch);
+    const held = pgb.parseDatabasesFile(
+      await Deno.readTextFile(this.databasesFile).catch(() => ""),
+      this.database,
+    );
+    checkEpochOrder(held, target, epoch);
     const tmp = `${this.databasesFile}.tmp.${crypto.randomUUID().slice(0, 8)}`;
     const info = await Deno.stat(this.databasesFile).catch(() => undefined);
     await Deno.writeTextFile(tmp, text, { mode: 0o640 });
@@ -286,14 +315,11 @@ export class FlyRouter implements Router {
   async route(target: pgb.RouteTarget, epoch: number): Promise<void> {
     pgb.renderDatabasesFile(this.database, target, epoch); // validates the values
     const before = await this.current();
+    checkEpochOrder(before, target, epoch); // each machine's entrypoint refuses too
+    // No undo: a route only moves forward in epoch. If a machine fails, the operation fails
+    // closed (PgBouncer stays paused) and resuming it routes the rest at the same epoch.
     await this.#onAll(
       () => `${this.entrypoint} route ${target.host} ${target.port} ${target.dbname} ${epoch}`,
-      () =>
-        before.target
-          ? `${this.entrypoint} route ${before.target.host} ${before.target.port} ${before.target.dbname} ${
-            before.epoch ?? 0
-          }`
-          : `${this.entrypoint} resume`,
     );
   }
 }
