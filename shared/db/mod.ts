@@ -72,6 +72,26 @@ function installWriteRaceGuard(): void {
   });
 }
 
+/**
+ * libpq's `host=/abs/dir` query parameter (a unix-socket directory) in a postgresql:// URL, e.g.
+ * `postgresql://user:pw@localhost:6432/pgbouncer?host=/run/pgbouncer`: postgres.js would send it
+ * to the server as a startup parameter, so it is taken out and becomes the socket path
+ * `<dir>/.s.PGSQL.<port>`. Any other URL is returned as it is.
+ */
+export function unixSocketOf(url: string): { url: string; path?: string } {
+  let u: URL;
+  try {
+    u = new URL(url);
+  } catch {
+    return { url };
+  }
+  const dir = u.searchParams.get("host");
+  if (dir === null || !dir.startsWith("/")) return { url };
+  u.searchParams.delete("host");
+  const port = u.port || "5432";
+  return { url: u.toString(), path: `${dir.replace(/\/+$/, "")}/.s.PGSQL.${port}` };
+}
+
 export function createSql(url: string, options: SqlOptions = {}): Sql {
   installWriteRaceGuard();
   const connection: Record<string, string | number | boolean> = {
@@ -80,7 +100,9 @@ export function createSql(url: string, options: SqlOptions = {}): Sql {
   if (options.statementTimeoutMs !== undefined && !options.adminConsole) {
     connection.statement_timeout = options.statementTimeoutMs;
   }
-  return postgres(url, {
+  const socket = unixSocketOf(url);
+  return postgres(socket.url, {
+    ...(socket.path ? { path: socket.path } : {}),
     prepare: false,
     max: options.max ?? 3,
     connect_timeout: options.connectTimeout ?? 5,

@@ -54,6 +54,8 @@ export interface Faults {
   crashDuring?: string;
   /** The step's action throws (before acting). */
   failAt?: string;
+  /** Runs before each step's guard (tests: change the world at a precise point). */
+  beforeStep?: (step: string, operationId: string) => Promise<void>;
 }
 
 export interface MachineOptions {
@@ -227,6 +229,7 @@ export class FailoverMachine {
         const step = steps[index];
         this.#op = { ...this.#op, step: step.name };
         const c = this.#context();
+        await faults.beforeStep?.(step.name, this.#op.id);
         this.#assertLease();
         await step.guard?.(c);
         this.#assertLease();

@@ -10,7 +10,10 @@
  *
  * Each "machine" is a real PgBouncer of the stack started from deploy/fly-pgbouncer; exec runs
  * the image's /app/entrypoint.sh (our deploy/fly-pgbouncer/entrypoint.sh) with that machine's
- * environment. Requests without `Authorization: Bearer <token>` or `FlyV1 <token>` get 401.
+ * environment. A machine is listed `started` while its entrypoint runs (as on Fly, where the
+ * boot check runs inside a started machine) and `stopped` otherwise; a test can list it in any
+ * other state Fly documents (replacing, starting, suspended, ...) through `states`. Requests
+ * without `Authorization: Bearer <token>` or `FlyV1 <token>` get 401.
  */
 import type { PgBouncer } from "./pgbouncer.ts";
 
@@ -36,6 +39,10 @@ export class FlyStandIn {
   origin = "";
   /** Test hook: make an exec fail (exit 1) when this returns true. */
   failExec?: (machineId: string, argv: string[]) => boolean;
+  /** Test hook: runs before an exec is carried out (e.g. start another machine meanwhile). */
+  beforeExec?: (machineId: string, argv: string[]) => Promise<void>;
+  /** Test hook: the state GET /machines lists a machine in, instead of started/stopped. */
+  readonly states = new Map<string, string>();
 
   constructor(readonly app: string, machines: PgBouncer[]) {
     this.#machines = new Map(
@@ -92,7 +99,7 @@ export class FlyStandIn {
       return Response.json(this.machineIds.map((mid) => ({
         id: mid,
         name: `pgbouncer-${mid.slice(0, 6)}`,
-        state: this.#machines.get(mid)!.running ? "started" : "stopped",
+        state: this.states.get(mid) ?? (this.#machines.get(mid)!.running ? "started" : "stopped"),
         region: "iad",
         instance_id: `01H${mid.toUpperCase()}`,
       })));
@@ -149,6 +156,7 @@ export class FlyStandIn {
     if (argv[0] !== "/app/entrypoint.sh") {
       return Response.json({ exit_code: 127, stdout: "", stderr: `${argv[0] ?? ""}: not found` });
     }
+    await this.beforeExec?.(id, argv);
     if (this.failExec?.(id, argv)) {
       return Response.json({ exit_code: 1, stdout: "", stderr: "injected failure" });
     }

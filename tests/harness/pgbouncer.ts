@@ -31,6 +31,11 @@ export class PgBouncer {
   readonly database: string;
   readonly adminUser = "pgbouncer_admin";
   readonly adminPassword = crypto.randomUUID().replaceAll("-", "");
+  /**
+   * Entrypoint variables added to (or, when "", taking out) the defaults below, for `serve` and for
+   * every exec alike: a machine's environment (ACTIVE_URLS, TLS, ADMIN_OVER_TCP, ...).
+   */
+  env: Record<string, string> = {};
   #options: PgBouncerOptions;
   #process?: ServerProcess;
   #clients = new Set<Sql>();
@@ -82,14 +87,27 @@ export class PgBouncer {
       DEFAULT_POOL_SIZE: "20",
       QUERY_WAIT_TIMEOUT: "60",
       SERVER_TLS_SSLMODE: "disable",
+      // Local only: loopback clients, no certificate. The shipped default refuses to start
+      // without a certificate unless this is said explicitly.
       CLIENT_TLS_SSLMODE: "disable",
       // SA_PGBOUNCER_VERBOSE=1|2 turns on PgBouncer's debug log (diagnosing the harness only).
       VERBOSE: Deno.env.get("SA_PGBOUNCER_VERBOSE") ?? "0",
+      ...this.env,
     };
   }
 
   async start(): Promise<void> {
     if (this.running) return;
+    const proc = await this.launch();
+    await waitUntilAccepting(proc, "PgBouncer", this.host, this.port, 20_000);
+  }
+
+  /**
+   * Runs `entrypoint.sh serve` without waiting for PgBouncer to listen (its boot check may hold
+   * it back, or end it): the process, to watch its exit.
+   */
+  async launch(): Promise<ServerProcess> {
+    if (this.running) return this.#process!;
     const user = this.#options.user;
     for (const d of [this.dir, this.confDir, this.stateDir, this.socketDir]) {
       await mkdirOwned(user, d);
@@ -103,7 +121,18 @@ export class PgBouncer {
       user,
       deathSignal: "SIGTERM",
     });
-    await waitUntilAccepting(this.#process, "PgBouncer", this.host, this.port, 20_000);
+    return this.#process;
+  }
+
+  /** Whether anything accepts TCP connections on PgBouncer's port. */
+  async listening(): Promise<boolean> {
+    try {
+      const conn = await Deno.connect({ hostname: this.host, port: this.port });
+      conn.close();
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   /** SIGTERM: PgBouncer 1.18 shuts down immediately, dropping clients (like a crash or restart). */
@@ -125,8 +154,16 @@ export class PgBouncer {
     return `postgresql://${o.appUser}:${o.appPassword}@${this.host}:${this.port}/${this.database}`;
   }
 
-  /** Connection string for the admin console. */
+  /**
+   * Connection string for the admin console: through the local socket (libpq's `host=/dir`), the
+   * only way in unless ADMIN_OVER_TCP=1.
+   */
   adminUrl(): string {
+    return `postgresql://${this.adminUser}:${this.adminPassword}@localhost:${this.port}/pgbouncer?host=${this.socketDir}`;
+  }
+
+  /** The admin console over TCP: refused unless the entrypoint runs with ADMIN_OVER_TCP=1. */
+  adminTcpUrl(): string {
     return `postgresql://${this.adminUser}:${this.adminPassword}@${this.host}:${this.port}/pgbouncer`;
   }
 
