@@ -113,7 +113,7 @@ write_target() {
 with_route_lock() {
   mkdir -p "$PGBOUNCER_STATE_DIR"
   (
-    flock -w 30 9 || die "the route lock $ROUTE_LOCK is held by another command"
+    flock -w 10 9 || die "the route lock $ROUTE_LOCK is held by another command"
     "$@"
   ) 9>>"$ROUTE_LOCK"
 }
@@ -293,6 +293,18 @@ host all $PGBOUNCER_ADMIN_USER ::/0 reject"
     render "$PGBOUNCER_TEMPLATE_DIR/pgbouncer_hba.conf.template" "$PGBOUNCER_CONF_DIR/pgbouncer_hba.conf"
 }
 
+# The persisted route, or on first start (no route yet) UPSTREAM_HOST without an epoch.
+first_route_locked() {
+  if [ -s "$DATABASES_FILE" ] && grep -q "^$PGBOUNCER_DATABASE = host=" "$DATABASES_FILE"; then
+    log "persisted upstream: $(grep "^$PGBOUNCER_DATABASE = " "$DATABASES_FILE" | sed 's/ dbname=.*//') (epoch $(held_epoch | grep . || echo none))"
+  elif [ -n "${UPSTREAM_HOST:-}" ]; then
+    write_target "$UPSTREAM_HOST" "$UPSTREAM_PORT" "$UPSTREAM_DBNAME"
+    log "first start: routing $PGBOUNCER_DATABASE to $UPSTREAM_HOST:$UPSTREAM_PORT"
+  elif [ -z "$ACTIVE_URLS" ]; then
+    die "UPSTREAM_HOST (or ACTIVE_URLS) is required on first start"
+  fi
+}
+
 serve() {
   # In the image the machine starts us as root: prepare the volume, then run as RUN_AS_USER
   # (PgBouncer refuses to run as root). The local stack already runs us unprivileged.
@@ -315,14 +327,7 @@ serve() {
   client_tls
   hba_rules
 
-  if [ -s "$DATABASES_FILE" ] && grep -q "^$PGBOUNCER_DATABASE = host=" "$DATABASES_FILE"; then
-    log "persisted upstream: $(grep "^$PGBOUNCER_DATABASE = " "$DATABASES_FILE" | sed 's/ dbname=.*//') (epoch $(held_epoch | grep . || echo none))"
-  elif [ -n "${UPSTREAM_HOST:-}" ]; then
-    write_target "$UPSTREAM_HOST" "$UPSTREAM_PORT" "$UPSTREAM_DBNAME"
-    log "first start: routing $PGBOUNCER_DATABASE to $UPSTREAM_HOST:$UPSTREAM_PORT"
-  elif [ -z "$ACTIVE_URLS" ]; then
-    die "UPSTREAM_HOST (or ACTIVE_URLS) is required on first start"
-  fi
+  with_route_lock first_route_locked
   boot_check
 
   auth_file="$PGBOUNCER_CONF_DIR/userlist.txt"

@@ -171,6 +171,8 @@ export class Stack {
       env.STANDBY_FAILOVER_URL = failover;
     }
     if (this.pgbouncer) {
+      // The admin console through PgBouncer's local socket (`?host=<socketDir>`): TCP logins to
+      // it are rejected (deploy/fly-pgbouncer/pgbouncer_hba.conf.template).
       env.PGBOUNCER_ADMIN_URL = this.pgbouncer.adminUrl();
       env.PGBOUNCER_DATABASE = this.pgbouncer.database;
       env.PGBOUNCER_DATABASES_FILE = this.pgbouncer.databasesFile;

@@ -95,7 +95,11 @@ Deno.test("the fly router: Machines API shapes, leases, every machine routed or 
       FLY_API_TOKEN: fly.token,
       FLY_API_URL: fly.origin,
     };
-    const server = await serveFunctions(env);
+    // Request logs go to a file kept with the server logs when a step fails.
+    const logPath = `${stack.dir}/functions.log`;
+    const server = await serveFunctions(env, {
+      logSink: (line) => Deno.writeTextFileSync(logPath, `${line}\n`, { append: true }),
+    });
     const failover = server.url("failover");
     const post = async (path: string, body: unknown) => {
       const res = await fetch(`${failover}${path}`, {
