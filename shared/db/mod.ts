@@ -53,6 +53,24 @@ export function isOrphanTypeFetchFailure(reason: unknown): boolean {
     /from pg_catalog\.pg_type a/.test(q) && /a\.typcategory = 'A'/.test(q) && /typarray/.test(q);
 }
 
+/**
+ * The same cancellation race with the connect timer: when a connection closes, postgres.js
+ * cancels its connect timeout and sets the socket to null, but under Deno the timer can still
+ * fire, and `connectTimedOut` then reports the timeout (the queries are told) and calls
+ * `socket.destroy()` on null. Seen when a failover ends every session of a site while a pool is
+ * reconnecting to it: the TypeError is thrown from the timer and would end the worker.
+ */
+export function isTimerRaceAfterClose(e: unknown): boolean {
+  if (!(e instanceof TypeError)) return false;
+  const stack = e.stack ?? "";
+  return (
+    (/reading 'write'|May not write null values to stream/.test(e.message) &&
+      /nextWrite[^\n]*postgres\/src\/connection\.js/.test(stack)) ||
+    (/reading 'destroy'/.test(e.message) &&
+      /connectTimedOut[^\n]*postgres\/src\/connection\.js/.test(stack))
+  );
+}
+
 let guardInstalled = false;
 function installWriteRaceGuard(): void {
   if (guardInstalled || typeof globalThis.addEventListener !== "function") return;
@@ -61,14 +79,7 @@ function installWriteRaceGuard(): void {
     if (isOrphanTypeFetchFailure((event as PromiseRejectionEvent).reason)) event.preventDefault();
   });
   globalThis.addEventListener("error", (event) => {
-    const e = (event as ErrorEvent).error;
-    if (
-      e instanceof TypeError &&
-      /reading 'write'|May not write null values to stream/.test(e.message) &&
-      /nextWrite[^\n]*postgres\/src\/connection\.js/.test(e.stack ?? "")
-    ) {
-      event.preventDefault();
-    }
+    if (isTimerRaceAfterClose((event as ErrorEvent).error)) event.preventDefault();
   });
 }
 
@@ -169,6 +180,26 @@ export function healingSql(
       await Promise.all(all.map((c) => c.end({ timeout: 2 }).catch(() => {})));
     },
   };
+}
+
+/**
+ * A `Sql` that resolves the pool at every call: `live(handle)` always talks to `handle.get()`, so
+ * code that holds on to it across a dropped connection (e.g. after ending a site's sessions)
+ * moves to the fresh pool instead of waiting on the old one. A transaction or reserved session
+ * already started keeps its own connection.
+ */
+export function live(handle: { get: () => Sql }): Sql {
+  const target = function () {} as unknown as Sql;
+  return new Proxy(target, {
+    apply: (_t, _this, args) => (handle.get() as unknown as (...a: unknown[]) => unknown)(...args),
+    get: (_t, prop) => {
+      const current = handle.get() as unknown as Record<PropertyKey, unknown>;
+      const value = current[prop];
+      return typeof value === "function"
+        ? (value as (...a: unknown[]) => unknown).bind(current)
+        : value;
+    },
+  }) as Sql;
 }
 
 /** A client created on first use, renewed after a dropped connection, closed with the app. */

@@ -381,22 +381,47 @@ const reverse: StepDef = {
   },
 };
 
+/**
+ * The router's view, or undefined when its machines disagree (a route that failed part-way):
+ * routing again is then the way forward, since every machine refuses to go back in epoch.
+ */
+async function currentRoute(c: StepContext) {
+  try {
+    return await c.router.current();
+  } catch (e) {
+    if ((e as { code?: string }).code === "pgbouncer_disagree") return undefined;
+    throw e;
+  }
+}
+
 const repoint: StepDef = {
   name: "repoint",
   // The router never goes back in epoch (it refuses too); a route past ours means the pair moved on.
   guard: async (c) => {
-    const cur = await c.router.current();
-    if (cur.epoch !== null && cur.epoch > c.op.epochTo!) {
+    const cur = await currentRoute(c);
+    if (cur && cur.epoch !== null && cur.epoch > c.op.epochTo!) {
       throw new StepFailed("repoint", `PgBouncer already carries epoch ${cur.epoch}`);
     }
   },
   act: async (c) => {
-    const cur = await c.router.current();
-    if (c.rt.siteAt(cur.target) === c.op.target && cur.epoch === c.op.epochTo) {
+    // The target's read-only default goes before PgBouncer can open a connection to it: a server
+    // connection keeps the default its session started with, so one opened now (by a machine that
+    // missed the PAUSE, or a restarted one) would refuse writes for its whole life. The guard
+    // still refuses every write until the epoch step lifts it.
+    await setReadOnlyDefault(c.tgt, false);
+    const cur = await currentRoute(c);
+    if (cur && c.rt.siteAt(cur.target) === c.op.target && cur.epoch === c.op.epochTo) {
       return { skipped: "already routed" };
     }
-    await c.router.route(endpointOf(c, c.op.target), c.op.epochTo!);
-    return { routed_to: c.op.target, epoch: c.op.epochTo };
+    const report = await c.router.route(endpointOf(c, c.op.target), c.op.epochTo!);
+    return {
+      routed_to: c.op.target,
+      epoch: c.op.epochTo,
+      ...(report
+        ? { machines_routed: report.routed, machines_not_serving: report.notServing }
+        : {}),
+      ...(cur ? {} : { note: "the machines disagreed (a route failed part-way); routed forward" }),
+    };
   },
 };
 

@@ -124,11 +124,12 @@ export async function setReadOnlyDefault(sql: Sql, on: boolean): Promise<void> {
 }
 
 /**
- * Ends every other client session of this database. Nothing is exempt by name: the guard already
- * refuses their writes, this only makes them notice sooner. Our own pools' other connections end
- * too; the call waits until the ended backends are gone (so a pool sees its closed sockets before
- * it is used again) and the pools reconnect. Superusers' sessions are left alone unless we are one
- * (PostgreSQL would refuse anyway).
+ * Ends the client sessions that could still be writing here: every session of another role, and
+ * any session (ours excepted) holding a transaction id. Sessions of our own role that are not
+ * writing — our pools, the role's pg_cron jobs — are left alone, so the toolkit never cuts the
+ * ground from under its own next statement; nothing is exempt by application_name, and the guard
+ * refuses whatever a surviving session tries anyway. Superusers' sessions are left alone unless
+ * we are one (PostgreSQL would refuse). Waits until the ended backends are gone.
  */
 export async function endClientSessions(sql: Sql): Promise<number> {
   const session = await sql.reserve();
@@ -137,6 +138,8 @@ export async function endClientSessions(sql: Sql): Promise<number> {
       select a.pid, pg_terminate_backend(a.pid) as ended from pg_stat_activity a
       where a.datname = current_database() and a.pid <> pg_backend_pid()
         and a.backend_type = 'client backend'
+        and (a.usesysid <> (select oid from pg_roles where rolname = current_user)
+             or a.backend_xid is not null)
         and (not coalesce((select rolsuper from pg_roles where oid = a.usesysid), false)
              or (select rolsuper from pg_roles where rolname = current_user))`;
     const pids = rows.filter((r) => r.ended).map((r) => Number(r.pid));
@@ -150,7 +153,6 @@ export async function endClientSessions(sql: Sql): Promise<number> {
     return pids.length;
   } finally {
     session.release();
-    await new Promise((r) => setTimeout(r, 20));
   }
 }
 

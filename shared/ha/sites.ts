@@ -4,7 +4,7 @@
  * hold now come from each site's ha.state (the epoch decides). Each site has a small, reused pool
  * for probes (2 s connect timeout, short statement timeout) and one for operations.
  */
-import { healingSql, type Sql } from "../db/mod.ts";
+import { healingSql, live, type Sql } from "../db/mod.ts";
 
 export type SiteName = "primary" | "standby";
 export const SITE_NAMES: SiteName[] = ["primary", "standby"];
@@ -76,7 +76,9 @@ export class Sites {
       };
       this.#handles.set(name, h);
     }
-    return { name, endpoint: h.endpoint, probe: h.probe.get(), ops: h.ops.get() };
+    // Live handles: whoever keeps one (a failover step, a rejoin) follows the pool when it is
+    // renewed after a dropped connection — ending a site's sessions drops our own too.
+    return { name, endpoint: h.endpoint, probe: live(h.probe), ops: live(h.ops) };
   }
 
   other(name: SiteName): SiteName {

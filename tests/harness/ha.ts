@@ -181,6 +181,8 @@ export class Writers {
   /** When each (writer, n) was acknowledged (ms since epoch), keyed "writer:n". */
   readonly ackedAt = new Map<string, number>();
   readonly errors: Record<string, number> = {};
+  /** The latest message seen per error code (diagnosing a stalled writer). */
+  readonly lastError: Record<string, string> = {};
   duplicateKeyErrors = 0;
   #stop = false;
   #tasks: Promise<void>[] = [];
@@ -243,6 +245,7 @@ export class Writers {
           (e as { code?: string }).code ?? (e instanceof Error ? e.name : "error"),
         );
         this.errors[code] = (this.errors[code] ?? 0) + 1;
+        this.lastError[code] = e instanceof Error ? e.message : String(e);
         if (code === "23505") this.duplicateKeyErrors++;
         await sleep(20);
       }
