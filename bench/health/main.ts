@@ -1,6 +1,6 @@
 /**
  * Health probes under monitor load: an open-loop load generator in a second process fires
- * `BENCH_RATE` req/s (default 200) for `BENCH_SECONDS` (default 20) alternately at
+ * `BENCH_RATE` req/s (default 1000) for `BENCH_SECONDS` (default 20) alternately at
  * /health/primary and /health/standby of the real function, against a real primary/standby/
  * PgBouncer stack. Reports p50/p99/max latency, achieved req/s, errors, and the Postgres
  * connection count before and after. Side by side, in the same run: the upstream toolkit's
@@ -12,7 +12,7 @@
 import { REPO_ROOT, setupHa, withStack } from "../../tests/harness/mod.ts";
 import { fmt, percentile, printTable } from "../lib/stats.ts";
 
-const RATE = Number(Deno.env.get("BENCH_RATE") ?? 200);
+const RATE = Number(Deno.env.get("BENCH_RATE") ?? 1000);
 const SECONDS = Number(Deno.env.get("BENCH_SECONDS") ?? 20);
 const UPSTREAM_N = Number(Deno.env.get("BENCH_UPSTREAM_N") ?? 30);
 
@@ -26,9 +26,11 @@ await withStack(
       const out: number[] = [];
       for (const c of [stack.primary!, stack.standby!]) {
         const sql = c.sql("supabase_admin", { max: 1 });
-        const [r] =
-          await sql`select count(*)::int as n from pg_stat_activity where backend_type = 'client backend'`;
-        out.push(r.n - 1); // minus this query's own session
+        // The health function's own sessions (its application_name), not the pair's background
+        // jobs (the lease tick and heartbeat open a session per run).
+        const [r] = await sql`select count(*)::int as n from pg_stat_activity
+          where backend_type = 'client backend' and application_name like 'sa-toolkit/health%'`;
+        out.push(r.n);
         await sql.end();
       }
       return out;

@@ -97,12 +97,15 @@ await withStack(
      * frozen and unsubscribed and ha.state untouched: mark the standby primary, rebuild, fail back.
      */
     const restoreAfterUpstream = async () => {
-      const [{ e }] = await siteSql(
-        "standby",
-      )`update ha.state set role = 'primary', epoch = epoch + 1 returning epoch as e`;
+      const [{ e }] = await siteSql("standby")`select epoch + 1 as e from ha.state`;
+      await siteSql("standby").begin(
+        "read write",
+        (tx) => tx`select ha.lift_fence(${e}::bigint, null, true)`,
+      );
       await siteSql("primary").begin(
         "read write",
-        (tx) => tx`update ha.state set role = 'fenced', fenced = true, epoch = ${e}`,
+        (tx) =>
+          tx`select ha.set_fence('fenced', ${e}::bigint, 'replaced by the upstream sequence')`,
       );
       const file = stack.pgbouncer!.databasesFile;
       await Deno.writeTextFile(
@@ -188,9 +191,10 @@ await withStack(
     const upstream: Result[] = [];
     for (let i = 0; i < UPSTREAM; i++) {
       await waitHealthy();
-      // The upstream's standby is an ordinary writable database; ours keeps a demoted site read-only.
+      // The upstream's standby is an ordinary writable database (no guard, no read-only default):
+      // lift ours for the comparison, as the upstream toolkit effectively runs.
       await stack.standby!.psql(
-        "set default_transaction_read_only = off; alter database postgres reset default_transaction_read_only;",
+        "alter database postgres reset default_transaction_read_only; select ha.lift_fence(epoch) from ha.state;",
       );
       upstream.push(
         await underLoad(stack, () => siteSql("standby"), () => upstreamFailover(stack)),

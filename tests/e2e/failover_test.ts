@@ -243,6 +243,14 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
       t,
       "planned switchover under 4 writers: every acknowledged row survives, no duplicate keys",
       async () => {
+        // Rows inserted with explicit ids far above their sequence, as some applications do: the
+        // new primary's sequences must start above the column's largest value, not only above
+        // the source sequence's.
+        await stack.primary!.psql(
+          `insert into public.accounts (id, name) values (5000000, 'explicit');
+           insert into public.ledger (id, writer, n) values (7000000, 999, 1);`,
+          { role: "postgres" },
+        );
         const run = await underWriteLoad(stack.pgbouncer!.url(), async () => {
           const r = await f.post("/", { mode: "planned", idempotency_key: "switch-1" });
           assert.equal(r.status, 202, JSON.stringify(r.body));
@@ -292,6 +300,19 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
             ),
           /site primary fenced at epoch 2 \(it is the standby\): writes go to site standby/,
         );
+      },
+    );
+
+    await stack.step(
+      t,
+      "the new primary's sequences are above the explicit ids: inserts with the default succeed",
+      async () => {
+        const sql = stack.standby!.sql("app_writer", { max: 1 });
+        const [a] = await sql`insert into public.accounts (name) values ('after') returning id`;
+        const [l] = await sql`insert into public.ledger (writer, n) values (998, 1) returning id`;
+        await sql.end();
+        assert.ok(Number(a.id) > 5000000, `accounts id ${a.id}`);
+        assert.ok(Number(l.id) > 7000000, `ledger id ${l.id}`);
       },
     );
 

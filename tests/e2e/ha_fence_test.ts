@@ -293,6 +293,12 @@ Deno.test("fence: no client commits a write on the standby or a demoted site; th
         );
         await waitSame(P, S);
         assert.match(await contents(S), /applied@example\.com/);
+        // Tables are (schema, name) pairs everywhere: "a.b" is verified like any other.
+        const verify = await f.get("/verify");
+        const tables = verify.body.tables as { table: string; match: boolean }[];
+        assert.deepEqual(tables.find((x) => x.table === 'public."a.b"')?.match, true);
+        assert.ok(tables.some((x) => x.table === "public.events_2026"), "partitions are verified");
+        assert.equal(verify.body.match, true);
       },
     );
 

@@ -122,11 +122,21 @@ function dataApiWriter(c: PgCluster, site: SiteName, writer: number): SiteWriter
   return new SiteWriter(site, writer, async (sql) => (await api.write(sql)).ok, () => api.close());
 }
 
-/** A client that lifts the read-only default for its session before each write. */
+/**
+ * A client that lifts the read-only default for its session before each write (its own
+ * statement: in one multi-statement query the INSERT would still run in the read-only
+ * transaction the SET started in, and only the read-only default would be tested).
+ */
 function readOnlyOffWriter(c: PgCluster, site: SiteName, writer: number): SiteWriter {
   const pool = healingSql(() => c.url("app_writer"), { max: 1, connectTimeout: 2 });
   return new SiteWriter(site, writer, async (sql) => {
-    await pool.get().unsafe(`set default_transaction_read_only = off; ${sql}`).simple();
+    const session = await pool.get().reserve();
+    try {
+      await session`set default_transaction_read_only = off`;
+      await session.unsafe(sql);
+    } finally {
+      session.release();
+    }
     return true;
   }, () => pool.close());
 }
@@ -139,7 +149,8 @@ function longLivedWriter(c: PgCluster, site: SiteName, writer: number): SiteWrit
     applicationName: "sa-toolkit/failover", // a name that used to exempt sessions from the fence
   });
   return new SiteWriter(site, writer, async (q) => {
-    await sql.unsafe(`set default_transaction_read_only = off; ${q}`).simple();
+    await sql`set default_transaction_read_only = off`;
+    await sql.unsafe(q);
     return true;
   }, () => sql.end({ timeout: 1 }));
 }
@@ -722,10 +733,8 @@ export class GameDay {
     const acting = states.find((x) => x.role === "primary" && x.epoch === newest);
     if (!acting) throw new Error(`no primary at epoch ${newest}: ${JSON.stringify(states)}`);
     this.#primary = acting.site;
-    const sql = this.#cluster(this.#primary).sql("supabase_admin", { max: 1 });
-    const rows = await sql`select writer, n from public.ledger`;
-    await sql.end();
-    const have = new Set(rows.map((r) => `${r.writer}:${r.n}`));
+    // The acknowledgements first, the rows second: writers keep running, and an acknowledgement
+    // taken after the read could not be in it.
     const acks: Ack[] = [...this.#site.flatMap((w) => w.acks)];
     for (const app of [this.#app, this.#extraApp]) {
       if (!app) continue;
@@ -735,6 +744,10 @@ export class GameDay {
         }
       }
     }
+    const sql = this.#cluster(this.#primary).sql("supabase_admin", { max: 1 });
+    const rows = await sql`select writer, n from public.ledger`;
+    await sql.end();
+    const have = new Set(rows.map((r) => `${r.writer}:${r.n}`));
     let lost = 0;
     const violations: string[] = [];
     for (const a of acks) {
@@ -757,6 +770,24 @@ export class GameDay {
             `site ${w.source} acknowledged ${a.writer}:${a.n} after the standby was promoted`,
           );
         }
+      }
+    }
+    if (violations.length) {
+      // Where are the missing rows? (for the report)
+      const missing = acks.filter((a) => !have.has(`${a.writer}:${a.n}`));
+      for (const site of ["primary", "standby"] as SiteName[]) {
+        const c = this.#cluster(site).sql("supabase_admin", { max: 1 });
+        const found = await c`
+          select l.writer, l.n, l.at from public.ledger l
+          join unnest(${missing.map((a) => a.writer)}::int[], ${
+          missing.map((a) => a.n)
+        }::int[]) m(w, n)
+            on l.writer = m.w and l.n = m.n`.catch((e) => [{ error: String(e) }]);
+        const [st] = await c`select role, epoch from ha.state`.catch(() => [{}]);
+        await c.end();
+        violations.push(
+          `  rows on site ${site} (${JSON.stringify(st)}): ${JSON.stringify(found).slice(0, 400)}`,
+        );
       }
     }
     this.report.acknowledged = acks.length;

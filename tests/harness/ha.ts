@@ -45,6 +45,8 @@ export interface HaSetupOptions {
   lease?: { ttlSeconds: number; renewSeconds: number } | false;
   /** How often each site's ha.beat() runs (pg_cron 1.5+ would run it every 5 s). */
   beatEveryMs?: number;
+  /** Copy existing rows into the standby (default true; false for empty tables at scale). */
+  copyData?: boolean;
 }
 
 /** What pg_cron 1.5+ and pg_net would be doing on each site of the pair (stand-ins). */
@@ -88,6 +90,7 @@ export async function setupHa(
     const report = await setupReplication(rt, {
       lease: lease ?? { ttlSeconds: null, renewSeconds: 5 },
       leaseRenewal: "external",
+      copyData: options.copyData,
     });
     startPlatform(stack, lease, options.beatEveryMs ?? 500);
     await waitReplicating(stack);
