@@ -374,7 +374,12 @@ route_is() {
 # An epoch names one primary: never route back to a lower epoch, nor elsewhere at the same one.
 check_epoch_order() {
   held=$(held_epoch)
-  [ -n "$held" ] && [ -n "${4:-}" ] || return 0
+  [ -n "$held" ] || return 0
+  if [ -z "${4:-}" ]; then
+    # A route without an epoch would erase the one held, and every older epoch would pass later.
+    log "refused: the route holds epoch $held; give the new route's epoch"
+    exit 3
+  fi
   case "$4" in *[!0-9]*) die "epoch must be a number" ;; esac
   if [ "$4" -lt "$held" ]; then
     log "refused: epoch $4 is older than the persisted epoch $held"

@@ -14,6 +14,7 @@ import {
   sameTable,
   scopeTables,
   slotStatus,
+  subscribedTables,
   subscriptionStatus,
   tableLabel,
   type TableRef,
@@ -190,13 +191,22 @@ export async function plan(
     }
   }
   if (target && topo.sites[target].reachable) {
-    const running = await new OperationStore(rt.sites.get(target).ops, target).running().catch(() =>
-      undefined
+    // A failed-closed operation counts: it must be resumed or abandoned before another starts
+    // (it may still promote, and an emergency one stops the lease grants).
+    const open = await Promise.all(
+      (source && topo.sites[source].reachable ? [target, source] : [target]).map((site) =>
+        new OperationStore(rt.sites.get(site).ops, site).unfinished().catch(() => undefined)
+      ),
     );
+    const running = open.find((o) => o);
     add(
       "no_running_operation",
       !running,
-      running ? `operation ${running.id} is running` : "no operation is running",
+      running
+        ? `operation ${running.id} is ${running.state}${
+          running.state === "failed_closed" ? ": resume or abandon it first" : ""
+        }`
+        : "no operation is running or failed closed",
     );
     const priv = await privileges(rt.sites.get(target).ops).catch(() => undefined);
     add(
@@ -275,6 +285,7 @@ async function plannedChecks(
       ? `cannot replicate updates/deletes of: ${identity.map((i) => i.table).join(", ")}`
       : "every published table has a replica identity",
   );
+  await replicationChecks(src, tgt, add);
   const [ps, ts] = await Promise.all([privileges(src), privileges(tgt)]);
   add(
     "source_privileges",
@@ -317,5 +328,48 @@ async function fenceChecks(
         problems.length > 20 ? ` (+${problems.length - 20} more)` : ""
       } — re-run POST /failover/setup`
       : `all ${scope.length} tables of the scope are published and guarded on both sites`,
+  );
+}
+
+/**
+ * `subscription_covers_publication`: every table the source publishes is replicating on the
+ * target (a table added to the publication is only applied after the subscription is refreshed,
+ * which setup does); `no_two_phase_commit`: prepared transactions are off on both sites, because a
+ * prepared transaction can be committed later with no check at all (COMMIT PREPARED runs no
+ * trigger), on a site that was fenced meanwhile.
+ */
+async function replicationChecks(
+  src: Sql,
+  tgt: Sql,
+  add: (name: string, ok: boolean, detail: string) => void,
+): Promise<void> {
+  const [published, subscribed] = await Promise.all([
+    publicationTables(src),
+    subscribedTables(tgt),
+  ]);
+  const missing = published.filter((p) =>
+    !subscribed.some((s) => s.schema === p.schema && s.name === p.name)
+  );
+  add(
+    "subscription_covers_publication",
+    missing.length === 0,
+    missing.length
+      ? `not replicating yet: ${
+        missing.slice(0, 20).map(tableLabel).join(", ")
+      } — re-run POST /failover/setup (it refreshes the subscription)`
+      : `all ${published.length} published tables replicate`,
+  );
+  const settings = await Promise.all([src, tgt].map(async (sql) => {
+    const [r] = await sql`select current_setting('max_prepared_transactions')::int as n`;
+    return Number(r.n);
+  }));
+  add(
+    "no_two_phase_commit",
+    settings.every((n) => n === 0),
+    settings.every((n) => n === 0)
+      ? "max_prepared_transactions is 0 on both sites"
+      : `max_prepared_transactions is ${
+        settings.join(" / ")
+      }: a prepared transaction can commit on a fenced site; set it to 0`,
   );
 }

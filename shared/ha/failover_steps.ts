@@ -260,6 +260,7 @@ const freeze: StepDef = {
   // and a wait until no transaction that passed the guard before the fence is still open.
   act: async (c) => {
     await setFence(c.src, "frozen", null, undefined, c.op.id);
+    c.assertLease();
     await setReadOnlyDefault(c.src, true);
     let terminated = await endClientSessions(c.src);
     await waitFor(
@@ -443,15 +444,20 @@ const verifyRouting: StepDef = {
 
 /**
  * Planned: the source is demoted (token revoked again, role standby at the new epoch), records
- * the target's first lease, and the target's fence is lifted — the step's last act.
+ * the target's first lease, and the target's fence is lifted — the step's last act. The lease is
+ * checked before each action, and nothing but the lift sits between the grant and the lift (the
+ * grant covers only its window).
  */
 const epochPlanned: StepDef = {
   name: "epoch",
   guard: expectRoles({}, "to"),
   act: async (c) => {
     await setFence(c.src, "standby", c.op.epochTo!);
+    c.assertLease();
+    await setReadOnlyDefault(c.tgt, false); // done at the repoint already; idempotent on a resume
+    await c.tgt`select 1`; // the target's connection is ready before the grant's window opens
+    c.assertLease();
     const grant = await recordInitialGrant(c.src, c.op.target, c.op.epochTo!);
-    await setReadOnlyDefault(c.tgt, false);
     await liftFence(c.tgt, c.op.epochTo!, grant === "off" ? "keep" : grant);
     return {
       target: "primary",
@@ -486,7 +492,9 @@ const epochEmergency: StepDef = {
     } catch {
       // Unreachable: its lease has run out (lease_wait), and it fences itself on its next tick.
     }
+    c.assertLease();
     await setReadOnlyDefault(c.tgt, false);
+    c.assertLease();
     await liftFence(c.tgt, c.op.epochTo!, "infinity");
     return { target: "primary", source, epoch: c.op.epochTo };
   },

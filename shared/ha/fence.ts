@@ -134,12 +134,15 @@ export async function setReadOnlyDefault(sql: Sql, on: boolean): Promise<void> {
 export async function endClientSessions(sql: Sql): Promise<number> {
   const session = await sql.reserve();
   try {
+    // Client sessions of other roles, and anything — client or background worker (a pg_cron
+    // job) — that holds a transaction id.
     const rows = await session`
       select a.pid, pg_terminate_backend(a.pid) as ended from pg_stat_activity a
       where a.datname = current_database() and a.pid <> pg_backend_pid()
-        and a.backend_type = 'client backend'
-        and (a.usesysid <> (select oid from pg_roles where rolname = current_user)
+        and ((a.backend_type = 'client backend'
+              and a.usesysid <> (select oid from pg_roles where rolname = current_user))
              or a.backend_xid is not null)
+        and a.backend_type not like 'logical replication%' and a.backend_type <> 'walsender'
         and (not coalesce((select rolsuper from pg_roles where oid = a.usesysid), false)
              or (select rolsuper from pg_roles where rolname = current_user))`;
     const pids = rows.filter((r) => r.ended).map((r) => Number(r.pid));
@@ -156,12 +159,12 @@ export async function endClientSessions(sql: Sql): Promise<number> {
   }
 }
 
-/** Sessions other than ours that hold a transaction id (a write in progress). */
+/** Sessions other than ours — clients and background workers — that hold a transaction id. */
 export async function openWriters(sql: Sql): Promise<number> {
   const [{ n }] = await sql`
     select count(*)::int as n from pg_stat_activity
     where datname = current_database() and backend_xid is not null and pid <> pg_backend_pid()
-      and backend_type = 'client backend'`;
+      and backend_type not like 'logical replication%' and backend_type <> 'walsender'`;
   return Number(n);
 }
 

@@ -12,10 +12,13 @@ import { type GuardGap } from "./fence.ts";
 import {
   type Heartbeat,
   heartbeatOf,
+  publicationTables,
   type SlotStatus,
   slotStatus,
+  subscribedTables,
   type SubscriptionStatus,
   subscriptionStatus,
+  tableLabel,
 } from "./replication.ts";
 import { siteGuardGaps } from "./setup.ts";
 import type { HaRuntime, Observation } from "./runtime.ts";
@@ -70,6 +73,23 @@ const readHeartbeat = (
   sharedRead(rt, `heartbeat:${of}`, site, () => heartbeatOf(rt.sites.get(site).probe, of));
 const readGuardGaps = (rt: HaRuntime, site: SiteName): Promise<GuardGap[]> =>
   sharedRead(rt, "guard_gaps", site, () => siteGuardGaps(rt.sites.get(site).probe));
+
+/** Tables the publisher publishes that the subscriber's subscription does not list. */
+const readUnsubscribed = (rt: HaRuntime, publisher: SiteName, subscriber: SiteName) =>
+  rt.shared.get(`unsubscribed:${publisher}`, () =>
+    withDeadline(
+      (async () => {
+        const [published, subscribed] = await Promise.all([
+          publicationTables(rt.sites.get(publisher).probe),
+          subscribedTables(rt.sites.get(subscriber).probe),
+        ]);
+        return published.filter((p) =>
+          !subscribed.some((s) => s.schema === p.schema && s.name === p.name)
+        ).map(tableLabel);
+      })(),
+      PROBE_DEADLINE_MS,
+      `site ${publisher}`,
+    ));
 
 function gapsReason(site: SiteName, gaps: GuardGap[]): string {
   const shown = gaps.slice(0, 5).map((g) => `${g.table} (${g.problem})`).join(", ");
@@ -268,6 +288,18 @@ export async function standby(
   let slot: SlotStatus | undefined;
   if (pv.reachable && sub.slotName) {
     slot = await readSlot(rt, publisher, sub.slotName).catch(() => undefined);
+  }
+  if (pv.reachable) {
+    // A table the publisher publishes but this subscription does not apply (added without a
+    // refresh) would be lost at a switchover.
+    const missing = await readUnsubscribed(rt, publisher, name).catch(() => undefined);
+    if (missing?.length) {
+      return fail(
+        `${missing.length} published table(s) do not replicate: ${missing.slice(0, 5).join(", ")}${
+          missing.length > 5 ? ", …" : ""
+        } — re-run POST /failover/setup`,
+      );
+    }
   }
   if (slot?.exists && slot.lagBytes !== null && slot.lagBytes !== undefined) {
     body.lag = { measured: "bytes", bytes: slot.lagBytes, seconds: slot.replayLagSeconds ?? null };

@@ -246,8 +246,15 @@ export function createHealthApp(config: HealthConfig, deps: HealthDeps = {}): Fu
 
 const DASHBOARD_COOKIE = "sa_health_dashboard";
 
-/** The cookie value: an HMAC of the token, so the cookie is not the token and needs no state. */
-async function cookieValue(token: string): Promise<string> {
+/** How long a dashboard cookie opens the page (checked server-side, not only by the browser). */
+const COOKIE_SECONDS = 12 * 3600;
+
+/**
+ * The cookie value: `<issued, unix seconds>.<HMAC(token, issued)>`, so the cookie is not the
+ * token, needs no server state, and expires whatever the browser does; rotating HEALTH_TOKEN
+ * invalidates every cookie.
+ */
+async function cookieValue(token: string, issued: number): Promise<string> {
   const key = await crypto.subtle.importKey(
     "raw",
     new TextEncoder().encode(token),
@@ -258,9 +265,27 @@ async function cookieValue(token: string): Promise<string> {
   const mac = await crypto.subtle.sign(
     "HMAC",
     key,
-    new TextEncoder().encode("health-dashboard/v1"),
+    new TextEncoder().encode(`health-dashboard/v2/${issued}`),
   );
-  return Array.from(new Uint8Array(mac), (b) => b.toString(16).padStart(2, "0")).join("");
+  const hex = Array.from(new Uint8Array(mac), (b) => b.toString(16).padStart(2, "0")).join("");
+  return `${issued}.${hex}`;
+}
+
+async function cookieValid(token: string, value: string | undefined): Promise<boolean> {
+  const m = /^(\d{1,12})\.[0-9a-f]{64}$/.exec(value ?? "");
+  if (!m) return false;
+  const issued = Number(m[1]);
+  const now = Math.floor(Date.now() / 1000);
+  if (issued > now + 60 || now - issued > COOKIE_SECONDS) return false;
+  return await constantTimeEqual(value!, await cookieValue(token, issued));
+}
+
+/**
+ * The path the browser requested: the function sees `/health/dashboard`; Supabase's gateway (and
+ * the local one) serve it under `/functions/v1`.
+ */
+function dashboardPath(seen: string): string {
+  return seen.startsWith("/functions/v1/") ? seen : `/functions/v1${seen}`;
 }
 
 function readCookie(header: string | undefined, name: string): string | undefined {
@@ -297,27 +322,27 @@ async function dashboardAuth(
     if (!(await constantTimeEqual(header, token))) throw unauthorized();
     return undefined;
   }
-  const expected = await cookieValue(token);
   if (fromQuery !== undefined) {
     if (!(await constantTimeEqual(fromQuery, token))) throw unauthorized();
     const url = new URL(c.req.url);
     const secure = url.protocol === "https:" || c.req.header("x-forwarded-proto") === "https";
+    const value = await cookieValue(token, Math.floor(Date.now() / 1000));
     return new Response(null, {
       status: 303,
       headers: {
-        // Relative: resolves to the same path without the query, behind any gateway prefix.
+        // Relative: resolves to the same path without the query, behind the gateway's prefix.
         location: "dashboard",
-        "set-cookie":
-          `${DASHBOARD_COOKIE}=${expected}; Max-Age=43200; Path=/; HttpOnly; SameSite=Strict${
-            secure ? "; Secure" : ""
-          }`,
+        // Sent to this page only, and valid for COOKIE_SECONDS whatever the browser keeps.
+        "set-cookie": `${DASHBOARD_COOKIE}=${value}; Max-Age=${COOKIE_SECONDS}; Path=${
+          dashboardPath(url.pathname)
+        }; HttpOnly; SameSite=Strict${secure ? "; Secure" : ""}`,
         "cache-control": "no-store",
         "referrer-policy": "no-referrer",
       },
     });
   }
   const cookie = readCookie(c.req.header("cookie"), DASHBOARD_COOKIE);
-  if (cookie === undefined || !(await constantTimeEqual(cookie, expected))) throw unauthorized();
+  if (!(await cookieValid(token, cookie))) throw unauthorized();
   return undefined;
 }
 

@@ -25,14 +25,20 @@ export const DEFAULT_LEASE: LeaseSettings = { ttlSeconds: 30, renewSeconds: 5 };
 
 /**
  * The longest time a granter allows between recording a grant and extending the primary's
- * lease; the recorded grant covers it. A slower extension is rolled back.
+ * lease; the recorded grant covers it, and a slower extension is rolled back. A quarter of the
+ * TTL, at most 10 s: room for a few cross-region round trips (and a cold connection's TLS and
+ * SCRAM) without making an emergency wait much longer.
  */
-export const GRANT_WINDOW_MS = 2_000;
+export function grantWindowMs(ttlSeconds: number): number {
+  return Math.min(ttlSeconds * 250, 10_000);
+}
 
 /**
  * Added to the last grant before an emergency promotes. Each site only measures durations on its
  * own clock, so this covers clock-rate drift over one TTL and the commit latency of a
  * transaction the primary checked just before its lease ran out, not an offset between clocks.
+ * The emergency also waits one lease-tick interval more: the tick is what ends a transaction that
+ * could still commit after the lease (ha.end_writers_after_lease).
  */
 export const LEASE_MARGIN_MS = 1_000;
 
@@ -81,6 +87,8 @@ export async function renewLease(
   const [{ ttl }] = await g`select lease_ttl_seconds as ttl from ha.state where id`;
   if (ttl === null) return { site: requester, epoch, lease: "off" };
   const ttlSeconds = Number(ttl);
+  const windowMs = grantWindowMs(ttlSeconds);
+  await r`select 1`.catch(() => {}); // a cold connection's set-up is not spent inside the window
   const started = performance.now();
   let grantedUntil: Date;
   try {
@@ -88,11 +96,12 @@ export async function renewLease(
       "read write",
       (tx) =>
         tx`select ha.record_lease_grant(${requester}, ${epoch}::bigint,
-             ${ttlSeconds + GRANT_WINDOW_MS / 1000}::numeric) as until`,
+             ${ttlSeconds + windowMs / 1000}::numeric) as until`,
     );
     grantedUntil = new Date(row.until);
   } catch (e) {
     if (sqlstate(e) === "55000") {
+      log?.warn("lease_refused", { site: requester, epoch, reason: (e as Error).message });
       throw new HttpError(409, "lease_refused", (e as Error).message);
     }
     throw e;
@@ -103,12 +112,12 @@ export async function renewLease(
       r.begin("read write", async (tx) => {
         const [row] =
           await tx`select ha.extend_lease(${epoch}::bigint, ${ttlSeconds}::numeric) as until`;
-        if (performance.now() - started > GRANT_WINDOW_MS) {
+        if (performance.now() - started > windowMs) {
           throw new Error("the extension came later than the recorded grant covers");
         }
         leaseUntil = row.until ? new Date(row.until).toISOString() : null;
       }),
-      GRANT_WINDOW_MS,
+      windowMs,
       `site ${requester}`,
     );
   } catch (e) {
@@ -167,16 +176,20 @@ export async function lastLeaseGranted(sql: Sql, grantee: SiteName): Promise<Dat
   return row.until ? new Date(row.until) : null;
 }
 
-/** Milliseconds until `sql`'s clock passes `until` plus the margin (≤ 0: already passed). */
+/**
+ * Milliseconds until `sql`'s clock passes `until`, plus the margin and one lease-tick interval
+ * (≤ 0: already passed).
+ */
 export async function msUntilExpired(sql: Sql, until: Date): Promise<number> {
   const [row] = await sql`
-    select extract(epoch from (${until.toISOString()}::timestamptz - clock_timestamp()))::float8 * 1000 as ms`;
-  return Number(row.ms) + LEASE_MARGIN_MS;
+    select extract(epoch from (${until.toISOString()}::timestamptz - clock_timestamp()))::float8 * 1000 as ms,
+           coalesce((select lease_renew_seconds from ha.state where id), 5) as tick`;
+  return Number(row.ms) + LEASE_MARGIN_MS + Number(row.tick) * 1000;
 }
 
 /**
  * Records, on `granter`, the grant for a site about to be made primary at `epoch`; the lift that
- * follows must come within GRANT_WINDOW_MS of `grantedAt`. "off" when the lease is off.
+ * follows must come within the grant window of `grantedAt`. "off" when the lease is off.
  */
 export async function recordInitialGrant(
   granter: Sql,
@@ -186,12 +199,13 @@ export async function recordInitialGrant(
   const [{ ttl }] = await granter`select lease_ttl_seconds as ttl from ha.state where id`;
   if (ttl === null) return "off";
   const seconds = Number(ttl);
+  const windowMs = grantWindowMs(seconds);
   const grantedAt = performance.now();
   await granter.begin(
     "read write",
     (tx) =>
       tx`select ha.record_lease_grant(${grantee}, ${epoch}::bigint,
-           ${seconds + GRANT_WINDOW_MS / 1000}::numeric)`,
+           ${seconds + windowMs / 1000}::numeric)`,
   );
-  return { seconds, grantedAt, windowMs: GRANT_WINDOW_MS };
+  return { seconds, grantedAt, windowMs };
 }

@@ -114,6 +114,15 @@ export class OperationStore {
     return rows.length ? toOperation(rows[0], this.site) : undefined;
   }
 
+  /** An operation that is running or failed closed: it must be resumed or abandoned first. */
+  async unfinished(): Promise<Operation | undefined> {
+    const rows = await this.sql.unsafe(
+      `select ${COLUMNS} from ha.operations where state in ('running', 'failed_closed')
+       order by created_at desc limit 1`,
+    );
+    return rows.length ? toOperation(rows[0], this.site) : undefined;
+  }
+
   async recent(limit: number): Promise<Operation[]> {
     const rows = await this.sql.unsafe(
       `select ${COLUMNS} from ha.operations order by created_at desc limit $1`,

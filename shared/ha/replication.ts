@@ -169,6 +169,28 @@ export async function publicationMembers(
   );
 }
 
+/** On the subscribing site: the tables the subscription replicates (any sync state). */
+export async function subscribedTables(sql: Sql, name = SUBSCRIPTION): Promise<TableRef[]> {
+  return toRefs(
+    await sql`select n.nspname as schemaname, c.relname as tablename
+              from pg_subscription s
+              join pg_subscription_rel r on r.srsubid = s.oid
+              join pg_class c on c.oid = r.srrelid
+              join pg_namespace n on n.oid = c.relnamespace
+              where s.subname = ${name}
+                and s.subdbid = (select oid from pg_database where datname = current_database())
+              order by 1, 2`,
+  );
+}
+
+/**
+ * On the subscribing site: picks up tables added to the publication since the subscription was
+ * created (their rows are copied). Cannot run inside a transaction block.
+ */
+export async function refreshSubscription(sql: Sql, name = SUBSCRIPTION): Promise<void> {
+  await sql.unsafe(`alter subscription "${name}" refresh publication with (copy_data = true)`);
+}
+
 /** The application tables of a scope on this site (the tables to publish and to guard). */
 export async function scopeTables(sql: Sql, scope: Scope): Promise<TableRef[]> {
   return toRefs(

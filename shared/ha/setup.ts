@@ -29,10 +29,13 @@ import {
   publicationExists,
   publicationTables,
   qualified,
+  refreshSubscription,
   replicaIdentityProblems,
+  sameTable,
   schemaFingerprint,
   type Scope,
   scopeTables,
+  subscribedTables,
   SUBSCRIPTION,
   subscriptionStatus,
   tableChecksums,
@@ -68,6 +71,11 @@ export interface SetupReport {
   replica_identity_problems: Record<string, string>[];
   missing_on_standby: string[];
   schema_drift: string[];
+  /**
+   * Tables whose guard could not be set to fire ALWAYS (this role does not own them, e.g. auth.*
+   * on hosted Supabase): a session in replica mode is not refused there.
+   */
+  guard_origin_only?: string[];
 }
 
 /** Tables whose shape differs between the sites (by the per-table fingerprint). */
@@ -203,6 +211,7 @@ export async function setupReplication(
     );
   }
   const leaseUrls = checkLeaseConfig(rt, lease);
+  await refuseTwoPhaseCommit(pub, sub);
   if (dryRun) {
     actions.push(`would guard ${tables.length} tables on both sites and fence site ${subSite}`);
   } else {
@@ -237,6 +246,9 @@ export async function setupReplication(
     actions.push(`would ${hadPublication ? "check" : "create"} publication ${PUBLICATION}`);
   }
   await ensureStandbySubscription(rt, { pubSite, subSite, tables, options, actions });
+  if (!dryRun) {
+    report.guard_origin_only = await originOnlyGuards(pub, tables);
+  }
 
   if (route) {
     if (routed !== pubSite || route.epoch !== epoch) {
@@ -249,6 +261,31 @@ export async function setupReplication(
   }
   rt.shared.clear();
   return report;
+}
+
+/**
+ * A prepared transaction can be committed later with no check (COMMIT PREPARED runs no trigger),
+ * on a site fenced meanwhile: the fence holds only with two-phase commit off.
+ */
+async function refuseTwoPhaseCommit(pub: Sql, sub: Sql): Promise<void> {
+  const on = await Promise.all([pub, sub].map(async (sql) => {
+    const [r] = await sql`select current_setting('max_prepared_transactions')::int as n`;
+    return Number(r.n) > 0;
+  }));
+  if (on.some(Boolean)) {
+    throw new HttpError(
+      412,
+      "two_phase_commit_on",
+      "max_prepared_transactions is above 0 on a site: a prepared transaction could commit on a fenced site. Set it to 0 (the PostgreSQL and Supabase default).",
+    );
+  }
+}
+
+async function originOnlyGuards(sql: Sql, tables: TableRef[]): Promise<string[]> {
+  const [schemas, names] = pairs(tables);
+  const rows =
+    await sql`select * from ha.write_guard_origin_only(${schemas}::text[], ${names}::text[])`;
+  return rows.map((r) => tableLabel({ schema: r.schemaname, name: r.tablename }));
 }
 
 /** The lease needs a token the function accepts and the URL of each site's failover function. */
@@ -423,6 +460,22 @@ async function ensureStandbySubscription(
   const status = await subscriptionStatus(sub);
   if (status.exists) {
     c.actions.push(`subscription on ${c.subSite} exists (enabled=${status.enabled})`);
+    // Tables added to the publication are applied only after a refresh (their rows are copied).
+    const [published, subscribed] = await Promise.all([
+      publicationTables(rt.sites.get(c.pubSite).ops),
+      subscribedTables(sub),
+    ]);
+    const added = published.filter((p) => !subscribed.some((x) => sameTable(x, p)));
+    if (added.length && !dryRun) {
+      await withWritableSession(sub, (x) => refreshSubscription(x));
+      c.actions.push(
+        `subscription refreshed: ${added.length} table(s) now replicate (${
+          added.slice(0, 10).map(tableLabel).join(", ")
+        }${added.length > 10 ? ", …" : ""})`,
+      );
+    } else if (added.length) {
+      c.actions.push(`would refresh the subscription for ${added.length} new table(s)`);
+    }
     return;
   }
   const copyData = c.options.copyData ?? true;
@@ -500,10 +553,31 @@ export async function verifyData(rt: HaRuntime, from: SiteName, sample = 1000) {
   });
 }
 
-/** Guard gaps on a site for its scope: missing, disabled or altered guards on replicated tables. */
+/**
+ * Guard gaps on a site for its scope: missing, disabled or altered guards on replicated tables,
+ * and a role or database that defaults to session_replication_role = replica while some guard
+ * could only be left in origin mode (such sessions would pass it).
+ */
 export async function siteGuardGaps(sql: Sql) {
   const tables = await scopeTables(sql, await storedScope(sql));
-  return await guardGaps(sql, tables);
+  const gaps = await guardGaps(sql, tables);
+  const origin = await originOnlyGuards(sql, tables);
+  if (origin.length) {
+    const rows = await sql`
+      select coalesce(r.rolname, '(every role)') as who, d.setdatabase = 0 as everywhere
+      from pg_db_role_setting d
+      left join pg_roles r on r.oid = d.setrole
+      where exists (select 1 from unnest(d.setconfig) x where x like 'session_replication_role=%'
+                    and x not like '%=origin')`;
+    for (const r of rows) {
+      gaps.push({
+        table: origin.join(", "),
+        problem:
+          `role ${r.who} defaults to session_replication_role = replica, which passes these guards (left in origin mode)`,
+      });
+    }
+  }
+  return gaps;
 }
 
 export interface RejoinReport {
@@ -615,10 +689,29 @@ export async function rejoinAsStandby(rt: HaRuntime, site: SiteName): Promise<Re
   // The primary held an infinite lease while it had no standby; from now on this site grants it.
   const primaryFence = await fenceStatus(p);
   if (primaryFence.leaseUntil === "infinity") {
-    const grant = await recordInitialGrant(f, primary, epoch);
-    if (grant !== "off") {
-      await liftFence(p, epoch, grant);
-      actions.push(`site ${primary}'s write lease is granted by site ${site} again`);
+    try {
+      const grant = await recordInitialGrant(f, primary, epoch);
+      if (grant !== "off") {
+        await liftFence(p, epoch, grant);
+        actions.push(`site ${primary}'s write lease is granted by site ${site} again`);
+      }
+    } catch (e) {
+      // The primary may still hold its infinite lease: this site must not be a standby an
+      // emergency could promote while that is so. It stays fenced until a rejoin succeeds.
+      await setFence(
+        f,
+        "fenced",
+        epoch,
+        `rejoin incomplete: site ${primary}'s lease is not finite yet`,
+      )
+        .catch(() => {});
+      throw new HttpError(
+        503,
+        "rejoin_incomplete",
+        `Site ${site} was rebuilt, but site ${primary}'s write lease could not be made finite (${
+          e instanceof Error ? e.message : e
+        }); it stays fenced: run the rejoin again.`,
+      );
     }
   }
   rt.shared.clear();

@@ -117,10 +117,26 @@ as $$
                      else 'the current primary (GET /failover/active)' end);
 $$;
 
--- The guard: a statement-level BEFORE trigger on every replicated table. SECURITY DEFINER so a
--- Data API role (anon, authenticated) can read the control row it cannot otherwise see.
-create or replace function ha.write_guard()
-returns trigger
+-- Logical replication's own workers (apply, table sync): the one writer the guard lets through on
+-- a fenced site. Asked only when the session runs in replica mode (the workers always do), from
+-- the backend type PostgreSQL itself records, which a client cannot set.
+create or replace function ha.is_replication_worker()
+returns boolean
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+  select pg_catalog.current_setting('session_replication_role') = 'replica'
+     and coalesce((select a.backend_type like 'logical replication%'
+                   from pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid()) a), false);
+$$;
+
+-- Refuses (SQLSTATE 25006) unless this site is the writable primary, the statement comes from
+-- logical replication, or the transaction holds a write pass; registers the transaction for the
+-- check at COMMIT. The body of both guard triggers.
+create or replace function ha.assert_writable()
+returns void
 language plpgsql
 security definer
 set search_path = ''
@@ -135,13 +151,14 @@ begin
   if v.id and v.role = 'primary' and not v.fenced and v.frozen_by is null
      and v.write_token = v_token
      and (v.lease_ttl_seconds is null or v.lease_until > pg_catalog.clock_timestamp()) then
-    if v.lease_ttl_seconds is not null then
-      insert into ha.write_checks (xid) values (pg_catalog.pg_current_xact_id()) on conflict do nothing;
-    end if;
-    return null;
+    insert into ha.write_checks (xid) values (pg_catalog.pg_current_xact_id()) on conflict do nothing;
+    return;
+  end if;
+  if ha.is_replication_worker() then
+    return;
   end if;
   if exists (select 1 from ha.write_passes p where p.xid = pg_catalog.pg_current_xact_id()) then
-    return null;
+    return;
   end if;
   v_reason := coalesce(ha.fence_reason(v, v_token), 'the fence changed during this statement');
   raise exception using
@@ -151,7 +168,34 @@ begin
 end;
 $$;
 
--- The same rule at COMMIT for transactions that wrote under a lease (registered by the guard).
+-- The guard: a statement-level BEFORE trigger on every replicated table and partition, set to
+-- fire ALWAYS where the toolkit owns the table, so a session in replica mode
+-- (session_replication_role, which hosted Supabase lets `postgres` set) is refused too. The same
+-- function runs per row on partitioned tables: PostgreSQL clones a row trigger onto every
+-- partition, including those created or attached later, which a statement trigger does not reach.
+-- SECURITY DEFINER so a Data API role (anon, authenticated) can read the control row.
+create or replace function ha.write_guard()
+returns trigger
+language plpgsql
+security definer
+set search_path = ''
+as $$
+begin
+  perform ha.assert_writable();
+  if tg_level = 'STATEMENT' then
+    return null;
+  elsif tg_op = 'DELETE' then
+    return old;
+  end if;
+  return new;
+end;
+$$;
+
+-- The same rule at COMMIT for every transaction that wrote through the guard (registered by it):
+-- one that passed the guard before its site was fenced, or before its lease ran out, cannot
+-- commit after. Its one gap: a transaction that makes the check run early (SET CONSTRAINTS ALL
+-- IMMEDIATE) or holds work that runs after it (a WITH HOLD cursor, later deferred triggers); the
+-- lease tick ends such sessions once a lease has run out, and a planned freeze waits for them.
 create or replace function ha.write_check_at_commit()
 returns trigger
 language plpgsql
@@ -186,11 +230,14 @@ begin
   end if;
 end
 $$;
+-- In replica mode too (a session that set session_replication_role still gets the check).
+alter table ha.write_checks enable always trigger write_check_at_commit;
 
 -- Each named table and every partition beneath it: statement triggers are not inherited, and a
--- client can write a partition directly.
+-- client can write a partition directly. `can_alter`: this role may set the guard to fire ALWAYS
+-- (it owns the table, or is superuser); `postgres` on hosted Supabase does not own auth.*.
 create or replace function ha.guard_targets(p_schemas text[], p_names text[])
-returns table (relid oid, schemaname text, tablename text)
+returns table (relid oid, schemaname text, tablename text, relkind "char", can_alter boolean)
 language sql
 stable
 security invoker
@@ -207,7 +254,9 @@ as $$
     union
     select t.relid::oid from roots r, pg_catalog.pg_partition_tree(r.oid) t
   )
-  select c.oid, ns.nspname::text, c.relname::text
+  select c.oid, ns.nspname::text, c.relname::text, c.relkind,
+         pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE')
+           or coalesce((select r.rolsuper from pg_catalog.pg_roles r where r.rolname = current_user), false)
   from everything e
   join pg_catalog.pg_class c on c.oid = e.oid
   join pg_catalog.pg_namespace ns on ns.oid = c.relnamespace
@@ -215,9 +264,27 @@ as $$
   order by 2, 3;
 $$;
 
--- Installs (or repairs: CREATE OR REPLACE re-enables a disabled one) the guard on each target
--- that lacks a working one. Returns how many it (re)created. Callers batch large lists: each
--- trigger takes a SHARE ROW EXCLUSIVE lock until the transaction ends.
+-- The guard triggers a target should have: the statement guard everywhere (BEFORE INSERT,
+-- UPDATE, DELETE, TRUNCATE: tgtype 62), and on a partitioned table also the row guard (BEFORE
+-- INSERT, UPDATE, DELETE FOR EACH ROW: tgtype 31) its partitions inherit.
+create or replace function ha.guard_spec(p_relkind "char")
+returns table (tgname text, tgtype int, fn regprocedure, ddl text)
+language sql
+immutable
+security invoker
+set search_path = ''
+as $$
+  select 'ha_write_guard', 62, 'ha.write_guard()'::regprocedure,
+         'before insert or update or delete or truncate on %I.%I for each statement execute function ha.write_guard()'
+  union all
+  select 'ha_write_guard_rows', 31, 'ha.write_guard()'::regprocedure,
+         'before insert or update or delete on %I.%I for each row execute function ha.write_guard()'
+  where p_relkind = 'p';
+$$;
+
+-- Installs (or repairs: CREATE OR REPLACE re-enables a disabled one) every guard a target lacks,
+-- and sets it to fire ALWAYS where this role may. Returns how many it (re)created. Callers batch
+-- large lists: each trigger takes a SHARE ROW EXCLUSIVE lock until the transaction ends.
 create or replace function ha.install_write_guards(p_schemas text[], p_names text[])
 returns int
 language plpgsql
@@ -229,23 +296,30 @@ declare
   n int := 0;
 begin
   for r in
-    select g.relid, g.schemaname, g.tablename from ha.guard_targets(p_schemas, p_names) g
-    where not exists (
-      select 1 from pg_catalog.pg_trigger t
-      where t.tgrelid = g.relid and t.tgname = 'ha_write_guard' and t.tgenabled = 'O'
-        and t.tgtype = 62 and t.tgfoid = 'ha.write_guard()'::regprocedure)
+    select g.relid, g.schemaname, g.tablename, g.can_alter, s.tgname, s.ddl, t.oid as trigger_oid,
+           t.tgenabled, t.tgtype = s.tgtype and t.tgfoid = s.fn as intact
+    from ha.guard_targets(p_schemas, p_names) g
+    cross join lateral ha.guard_spec(g.relkind) s
+    left join pg_catalog.pg_trigger t on t.tgrelid = g.relid and t.tgname = s.tgname
+    where t.oid is null or not (t.tgtype = s.tgtype and t.tgfoid = s.fn)
+       or t.tgenabled = 'D' or t.tgenabled = 'R' or (t.tgenabled = 'O' and g.can_alter)
   loop
-    execute format(
-      'create or replace trigger ha_write_guard before insert or update or delete or truncate on %I.%I '
-      'for each statement execute function ha.write_guard()', r.schemaname, r.tablename);
-    n := n + 1;
+    if r.trigger_oid is null or not r.intact or r.tgenabled in ('D', 'R') then
+      execute format('create or replace trigger %I ' || r.ddl, r.tgname, r.schemaname, r.tablename);
+      n := n + 1;
+    end if;
+    if r.can_alter then
+      execute format('alter table %I.%I enable always trigger %I', r.schemaname, r.tablename, r.tgname);
+    end if;
   end loop;
   return n;
 end;
 $$;
 
--- Targets whose guard is missing or does not fire for clients (disabled, or set to fire only in
--- replica/always mode, or altered), with the problem.
+-- Guards that are missing, do not fire for clients (disabled, replica-only) or were altered; and
+-- those left to fire only outside replica mode although this role could make them fire ALWAYS.
+-- A guard in origin mode on a table the role cannot alter (auth.* on hosted Supabase) is the best
+-- it can be, and is not listed (docs/ha-architecture.md says what that leaves open).
 create or replace function ha.write_guard_gaps(p_schemas text[], p_names text[])
 returns table (schemaname text, tablename text, problem text)
 language sql
@@ -255,15 +329,33 @@ set search_path = ''
 as $$
   select g.schemaname, g.tablename,
          case
-           when t.oid is null then 'no write guard'
-           when t.tgenabled = 'D' then 'write guard disabled'
-           when t.tgenabled <> 'O' then format('write guard set to fire in mode %s only', t.tgenabled)
-           when t.tgtype <> 62 or t.tgfoid <> 'ha.write_guard()'::regprocedure then 'write guard altered'
+           when t.oid is null then format('no %s', s.tgname)
+           when t.tgtype <> s.tgtype or t.tgfoid <> s.fn then format('%s altered', s.tgname)
+           when t.tgenabled = 'D' then format('%s disabled', s.tgname)
+           when t.tgenabled = 'R' then format('%s set to fire in replica mode only', s.tgname)
+           when t.tgenabled = 'O' and g.can_alter then format('%s does not fire in replica mode (ENABLE ALWAYS expected)', s.tgname)
          end
   from ha.guard_targets(p_schemas, p_names) g
-  left join pg_catalog.pg_trigger t on t.tgrelid = g.relid and t.tgname = 'ha_write_guard'
-  where t.oid is null or t.tgenabled <> 'O' or t.tgtype <> 62
-     or t.tgfoid <> 'ha.write_guard()'::regprocedure
+  cross join lateral ha.guard_spec(g.relkind) s
+  left join pg_catalog.pg_trigger t on t.tgrelid = g.relid and t.tgname = s.tgname
+  where t.oid is null or t.tgtype <> s.tgtype or t.tgfoid <> s.fn or t.tgenabled in ('D', 'R')
+     or (t.tgenabled = 'O' and g.can_alter)
+  order by 1, 2, 3;
+$$;
+
+-- Guards left in origin mode because this role cannot alter the table: a session that sets
+-- session_replication_role = replica (hosted Supabase lets `postgres` do that) is not refused there.
+create or replace function ha.write_guard_origin_only(p_schemas text[], p_names text[])
+returns table (schemaname text, tablename text)
+language sql
+stable
+security invoker
+set search_path = ''
+as $$
+  select distinct g.schemaname, g.tablename
+  from ha.guard_targets(p_schemas, p_names) g
+  join pg_catalog.pg_trigger t on t.tgrelid = g.relid and t.tgname = 'ha_write_guard'
+  where t.tgenabled = 'O' and not g.can_alter
   order by 1, 2;
 $$;
 
@@ -297,7 +389,13 @@ begin
   if p_kind not in ('frozen', 'standby', 'fenced') then
     raise exception 'unknown fence kind %', p_kind using errcode = '22023';
   end if;
-  perform 1 from ha.state where id for update;
+  select * into v from ha.state where id for update;
+  -- A fence at an older epoch than the site holds comes from a driver that fell behind (it lost
+  -- its operation's lease while stalled): refuse it rather than demote a newer primary.
+  if p_epoch is not null and v.epoch > p_epoch then
+    raise exception 'site % is at epoch %: a % fence at the older epoch % is refused', v.site, v.epoch, p_kind, p_epoch
+      using errcode = '55000';
+  end if;
   perform ha.next_write_token();
   update ha.state s
      set role = case p_kind when 'frozen' then s.role else p_kind end,
@@ -375,7 +473,11 @@ $$;
 revoke all on function ha.scope_tables(jsonb) from public;
 revoke all on function ha.fence_reason(ha.state, bigint) from public;
 revoke all on function ha.fence_message(ha.state, text) from public;
+revoke all on function ha.is_replication_worker() from public;
+revoke all on function ha.assert_writable() from public, anon, authenticated;
 revoke all on function ha.write_guard() from public, anon, authenticated;
+revoke all on function ha.guard_spec("char") from public;
+revoke all on function ha.write_guard_origin_only(text[], text[]) from public;
 revoke all on function ha.write_check_at_commit() from public, anon, authenticated;
 revoke all on function ha.guard_targets(text[], text[]) from public;
 revoke all on function ha.install_write_guards(text[], text[]) from public;

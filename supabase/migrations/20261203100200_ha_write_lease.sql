@@ -70,8 +70,12 @@ begin
     raise exception 'site % is at epoch %, the request is for epoch %', v.site, v.epoch, p_epoch
       using errcode = '55000';
   end if;
-  if exists (select 1 from ha.operations o where o.kind = 'emergency' and o.state in ('running', 'failed_closed')) then
-    raise exception 'an emergency failover is under way on site %: no more leases for site %', v.site, p_grantee
+  -- An emergency that replaces the grantee at this epoch (running, or failed closed and so
+  -- resumable) stops the grants; one that is over, or about another epoch, does not.
+  if exists (select 1 from ha.operations o
+             where o.kind = 'emergency' and o.state in ('running', 'failed_closed')
+               and o.source_site = p_grantee and o.epoch_from = p_epoch) then
+    raise exception 'an emergency failover is replacing site % on site %: no more leases for it', p_grantee, v.site
       using errcode = '55000';
   end if;
   v_until := pg_catalog.clock_timestamp() + make_interval(secs => p_seconds::float8);
@@ -118,8 +122,44 @@ as $$
   returning s.lease_until;
 $$;
 
--- The pg_cron job: the acting primary asks the other region's failover function to renew its
--- lease (or, with the lease off, checks in). Asynchronous (pg_net); returns the request id or null.
+-- Once this site's lease has run out, ends every session (of any backend type) that still holds
+-- a transaction id: the guard already refuses new writes, and this closes what the check at
+-- COMMIT cannot (a transaction that ran its check early or keeps working after it). Returns how
+-- many it ended. An emergency failover waits one tick interval longer for this.
+create or replace function ha.end_writers_after_lease()
+returns int
+language plpgsql
+security invoker
+set search_path = ''
+as $$
+declare
+  v ha.state;
+  n int;
+begin
+  select * into v from ha.state where id;
+  if v.id is null or v.role <> 'primary' or v.lease_ttl_seconds is null
+     or v.lease_until is null or v.lease_until = 'infinity'
+     or v.lease_until > pg_catalog.clock_timestamp() then
+    return 0;
+  end if;
+  select count(pg_catalog.pg_terminate_backend(a.pid)) into n
+  from pg_catalog.pg_stat_activity a
+  where a.backend_xid is not null and a.pid <> pg_catalog.pg_backend_pid()
+    and a.datname = pg_catalog.current_database()
+    -- vacuum and replication write no application rows (and restart on their own)
+    and a.backend_type !~ '^(autovacuum|logical replication|walsender)'
+    and (not coalesce((select r.rolsuper from pg_catalog.pg_roles r where r.oid = a.usesysid), false)
+         or (select r.rolsuper from pg_catalog.pg_roles r where r.rolname = current_user));
+  if n > 0 then
+    raise warning 'ha: the write lease ran out at %: ended % session(s) still holding a transaction', v.lease_until, n;
+  end if;
+  return n;
+end;
+$$;
+
+-- The pg_cron job: the acting primary ends what still writes after its lease ran out, then asks
+-- the other region's failover function to renew its lease (or, with the lease off, checks in).
+-- Asynchronous (pg_net); returns the request id or null.
 create or replace function ha.lease_tick()
 returns bigint
 language plpgsql
@@ -130,6 +170,7 @@ declare
   v ha.state;
   v_token text;
 begin
+  perform ha.end_writers_after_lease();
   select * into v from ha.state where id;
   if not found or v.role <> 'primary' or v.fenced or v.lease_url is null then
     return null;
@@ -231,6 +272,7 @@ $$;
 revoke all on function ha.record_lease_grant(text, bigint, numeric) from public;
 revoke all on function ha.last_lease_granted(text) from public;
 revoke all on function ha.extend_lease(bigint, numeric) from public;
+revoke all on function ha.end_writers_after_lease() from public;
 revoke all on function ha.lease_tick() from public;
 revoke all on function ha.schedule_lease_tick(int) from public;
 revoke all on function ha.beat() from public;

@@ -388,7 +388,10 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
         assert.equal(swap.status, 303);
         assert.equal(swap.headers.get("location"), "dashboard");
         const cookie = swap.headers.get("set-cookie") ?? "";
-        assert.match(cookie, /^sa_health_dashboard=[0-9a-f]{64}; .*HttpOnly; SameSite=Strict/);
+        assert.match(
+          cookie,
+          /^sa_health_dashboard=\d+\.[0-9a-f]{64}; Max-Age=43200; Path=\/functions\/v1\/health\/dashboard; HttpOnly; SameSite=Strict/,
+        );
         assert.ok(!cookie.includes(stack.tokens.health), "the cookie is not the token");
         await swap.body?.cancel();
         const res = await fetch(`${h.base}/dashboard`, {
@@ -400,7 +403,7 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
         assert.doesNotMatch(html, /<script|<link|@import|url\(|https?:\/\//i);
         assert.doesNotMatch(html, new RegExp(stack.tokens.health));
         for (
-          const headers of [{}, { cookie: "sa_health_dashboard=" + "0".repeat(64) }, {
+          const headers of [{}, { cookie: "sa_health_dashboard=1." + "0".repeat(64) }, {
             authorization: "Bearer wrong-token-wrong-token",
           }]
         ) {
@@ -408,6 +411,28 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
           assert.equal(anon.status, 401, JSON.stringify(headers));
           await anon.body?.cancel();
         }
+        // A genuine cookie issued more than 12 h ago no longer opens the page.
+        const issued = Math.floor(Date.now() / 1000) - 13 * 3600;
+        const key = await crypto.subtle.importKey(
+          "raw",
+          new TextEncoder().encode(stack.tokens.health),
+          { name: "HMAC", hash: "SHA-256" },
+          false,
+          ["sign"],
+        );
+        const mac = new Uint8Array(
+          await crypto.subtle.sign(
+            "HMAC",
+            key,
+            new TextEncoder().encode(`health-dashboard/v2/${issued}`),
+          ),
+        );
+        const old = `${issued}.${Array.from(mac, (b) => b.toString(16).padStart(2, "0")).join("")}`;
+        const expired = await fetch(`${h.base}/dashboard`, {
+          headers: { cookie: `sa_health_dashboard=${old}` },
+        });
+        assert.equal(expired.status, 401, "an expired cookie is refused server-side");
+        await expired.body?.cancel();
         const wrong = await fetch(`${h.base}/dashboard?token=not-the-token-at-all`, {
           redirect: "manual",
         });

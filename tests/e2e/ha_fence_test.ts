@@ -14,6 +14,7 @@ import { createSql } from "../../shared/db/mod.ts";
 import { DataApi } from "../harness/data_api.ts";
 import { failoverClient, healthClient } from "../harness/ha_client.ts";
 import {
+  haPlatform,
   haState,
   LEDGER_DDL,
   type PgCluster,
@@ -68,7 +69,7 @@ async function outcome(fn: () => Promise<unknown>): Promise<Outcome> {
 /** One session, used once: connect as `role` with an application_name, run `statements`. */
 async function session(
   c: PgCluster,
-  role: "app_writer" | "postgres",
+  role: "app_writer" | "postgres" | "supabase_admin",
   statements: string[],
   applicationName = "app",
 ): Promise<Outcome> {
@@ -209,6 +210,17 @@ function attempts(c: PgCluster): { name: string; run: () => Promise<Outcome> }[]
           `insert into auth.users (id, email) values (gen_random_uuid(), 'u${n()}@example.com')`,
         ]),
     },
+    {
+      // Hosted Supabase lets `postgres` set session_replication_role (supautils); here only a
+      // superuser can, and the guard (set to fire ALWAYS) refuses it all the same.
+      name: "SET session_replication_role = replica",
+      run: () =>
+        session(c, "supabase_admin", [
+          "set session_replication_role = replica",
+          "set default_transaction_read_only = off",
+          `insert into public.ledger (writer, n) values (910, ${n()})`,
+        ]),
+    },
   ];
 }
 
@@ -321,8 +333,20 @@ Deno.test("fence: no client commits a write on the standby or a demoted site; th
             ),
           /must be owner/,
         );
+        // Not the owner, postgres cannot make it fire ALWAYS: it is reported as origin-only (a
+        // session in replica mode would pass it), not as a gap.
+        const [origin] =
+          await pg`select count(*)::int as n from ha.write_guard_origin_only('{auth}', '{users}')`;
+        assert.equal(origin.n, 1);
+        const [gap] =
+          await pg`select count(*)::int as n from ha.write_guard_gaps('{auth}', '{users}')`;
+        assert.equal(gap.n, 0);
         await pg.end();
         await assertAllRefused(S, /it is the standby/);
+        // The toolkit's role here (a superuser, as the local stack runs it) sets it ALWAYS again.
+        const setup = await f.post("/setup", {});
+        assert.equal(setup.status, 200, JSON.stringify(setup.body));
+        assert.deepEqual(setup.body.guard_origin_only, []);
       },
     );
 
@@ -381,12 +405,87 @@ Deno.test("fence: no client commits a write on the standby or a demoted site; th
           await app.end();
           await admin.end();
         }
+        const renewed = () =>
+          waitFor(
+            "a renewal to restore the lease",
+            async () => {
+              const api = DataApi.for(P);
+              const o = await api.write(
+                `insert into public.ledger (writer, n) values (907, ${n()})`,
+              );
+              await api.close();
+              return o.ok;
+            },
+            10_000,
+            200,
+          );
+        await renewed();
+        // A transaction whose check at COMMIT passed but keeps working after it (a WITH HOLD
+        // cursor runs at COMMIT, after the deferred checks) is ended by the lease tick once the
+        // lease has run out. Renewals are cut meanwhile, so the lease stays expired.
+        haPlatform(stack).net.primary.cut();
+        const app2 = P.sql("app_writer", { max: 1 });
+        const admin2 = P.sql("supabase_admin", { max: 1 });
+        const held = await app2.reserve();
+        try {
+          await held`begin`;
+          await held`insert into public.ledger (writer, n) values (908, 1)`;
+          await held`declare c cursor with hold for select pg_sleep(6)`;
+          const committing = held`commit`;
+          await new Promise((r) => setTimeout(r, 500)); // the check at COMMIT has passed
+          await admin2`update ha.state set lease_until = clock_timestamp() - interval '1 ms'`;
+          await assert.rejects(() => committing, "ended by the lease tick before it committed");
+          const [{ c }] =
+            await admin2`select count(*)::int as c from public.ledger where writer = 908`;
+          assert.equal(c, 0);
+        } finally {
+          held.release();
+          await app2.end();
+          await admin2.end();
+          haPlatform(stack).net.primary.heal();
+        }
         // The next renewal gives the lease back: the primary accepts writes again.
+        await renewed();
+      },
+    );
+
+    await stack.step(
+      t,
+      "with the lease off, a statement that passed the guard before a freeze cannot commit after it",
+      async () => {
+        const admin = P.sql("supabase_admin", { max: 1 });
+        const app = P.sql("app_writer", { max: 1 });
+        await admin`update ha.state set lease_ttl_seconds = null`;
+        try {
+          const slow = app.begin(async (tx) => {
+            await tx`insert into public.ledger (writer, n) select 909, 1 from pg_sleep(1.5)`;
+          });
+          await new Promise((r) => setTimeout(r, 400)); // the guard has let the statement in
+          await admin`select ha.set_fence('frozen', null, null, gen_random_uuid())`;
+          await assert.rejects(
+            () => slow,
+            (e: { code?: string; message?: string }) =>
+              e.code === "25006" && /^commit refused: /.test(String(e.message)),
+          );
+          const [{ c }] =
+            await admin`select count(*)::int as c from public.ledger where writer = 909`;
+          assert.equal(c, 0);
+          // A fence at an older epoch than the site holds is refused (a stalled driver's).
+          await assert.rejects(
+            () => admin`select ha.set_fence('standby', 0)`,
+            /a standby fence at the older epoch 0 is refused/,
+          );
+        } finally {
+          await admin`select ha.lift_fence(epoch) from ha.state`;
+          await admin`update ha.state set lease_ttl_seconds = 4`;
+          await app.end();
+          await admin.end();
+        }
         await waitFor(
-          "a renewal to restore the lease",
+          "the lease to be renewed",
           async () => {
             const api = DataApi.for(P);
-            const o = await api.write("insert into public.ledger (writer, n) values (907, 1)");
+            const o = await api.write("insert into public.ledger (writer, n) values (911, 1)");
             await api.close();
             return o.ok;
           },
@@ -417,9 +516,19 @@ Deno.test("fence: no client commits a write on the standby or a demoted site; th
       t,
       "a table created after setup is named by the guardrail until setup publishes and guards it",
       async () => {
-        const ddl = "create table public.late (id int primary key, v text);";
+        const ddl = `create table public.late (id int primary key, v text);
+          create table public.events_2027 partition of public.events
+            for values from ('2027-01-01') to ('2028-01-01');`;
         await S.psql(ddl, { role: "postgres" });
         await P.psql(ddl, { role: "postgres" });
+        // A new partition of a guarded partitioned table is guarded from its first moment (the
+        // row guard is cloned onto it): no write on the standby, even straight into it.
+        const direct = await session(P, "app_writer", [
+          "begin read write",
+          "insert into public.events_2027 (id, at, note) values (1, '2027-02-01', 'standby write')",
+          "commit",
+        ]);
+        assert.equal(direct.code, "25006", JSON.stringify(direct));
         const checks = await f.get("/checks?mode=failback");
         const fence = (checks.body.checks as { name: string; ok: boolean; detail: string }[])
           .find((c) => c.name === "fence_complete")!;
@@ -446,6 +555,31 @@ Deno.test("fence: no client commits a write on the standby or a demoted site; th
           "commit",
         ]);
         assert.equal(o.code, "25006", JSON.stringify(o));
+        // Setup refreshed the subscription: rows written to the new table and partition on the
+        // primary reach the standby (before, the apply worker silently skipped them).
+        await S.psql(
+          `insert into public.late values (2, 'replicated');
+           insert into public.events (at, note) values ('2027-03-01', 'replicated');`,
+          { role: "postgres" },
+        );
+        await waitFor(
+          "the new table and partition to replicate",
+          async () => {
+            const sql = P.sql("supabase_admin", { max: 1 });
+            const [r] = await sql`select (select count(*) from public.late)::int as l,
+            (select count(*) from public.events_2027)::int as e`;
+            await sql.end();
+            return r.l === 1 && r.e === 1;
+          },
+          20_000,
+          200,
+        );
+        const covered = await f.get("/checks?mode=failback");
+        assert.equal(
+          (covered.body.checks as { name: string; ok: boolean }[])
+            .find((c) => c.name === "subscription_covers_publication")!.ok,
+          true,
+        );
       },
     );
 
@@ -458,7 +592,7 @@ Deno.test("fence: no client commits a write on the standby or a demoted site; th
         });
         const sb = await h.get("/standby");
         assert.equal(sb.status, 503);
-        assert.match(String(sb.body.reason), /public\.accounts \(write guard disabled\)/);
+        assert.match(String(sb.body.reason), /public\.accounts \(ha_write_guard disabled\)/);
         await S.psql("alter table public.ledger enable replica trigger ha_write_guard;", {
           role: "postgres",
         });
@@ -467,7 +601,7 @@ Deno.test("fence: no client commits a write on the standby or a demoted site; th
           async () => {
             const pr = await h.get("/primary");
             return pr.status === 503 &&
-              /public\.ledger \(write guard set to fire in mode R only\)/.test(
+              /public\.ledger \(ha_write_guard set to fire in replica mode only\)/.test(
                 String(pr.body.reason),
               );
           },

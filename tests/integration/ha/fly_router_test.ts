@@ -454,6 +454,18 @@ Deno.test("the fly router: Machines API shapes, leases, every machine routed or 
           assert.equal((await router.current()).epoch, 9);
           const stale = await rejectsWith(() => router.route(toPrimary, 8), 409, new RegExp(id1));
           assert.equal(stale.code, "stale_epoch");
+          // A route without an epoch would erase the held one (and let every older epoch pass
+          // later): the entrypoint refuses it like a stale one and leaves the route alone.
+          const bare = await m1.entrypoint([
+            "route",
+            "127.0.0.1",
+            String(primary.port),
+            "postgres",
+          ]);
+          assert.equal(bare.code, 3, bare.stderr);
+          assert.match(bare.stderr, /holds epoch 9; give the new route's epoch/);
+          assert.equal(await epochOf(m1), 9);
+          assert.deepEqual(await routeOf(m1), ["127.0.0.1", standby.port, 0]);
         },
       );
     } finally {
