@@ -21,6 +21,7 @@ import { fmt, median, percentile, printTable } from "../lib/stats.ts";
 
 const SIZES = (Deno.env.get("BENCH_TABLES") ?? "1,1000,10000").split(",").map(Number);
 const SWITCHOVERS = Number(Deno.env.get("BENCH_SWITCHOVERS") ?? 5);
+/** The steps between PAUSE and RESUME (the write gap). */
 const PAUSED = [
   "pause",
   "freeze",
@@ -40,13 +41,16 @@ globalThis.addEventListener("unhandledrejection", (e) => {
   console.error(`  (load generator: ${e.reason instanceof Error ? e.reason.message : e.reason})`);
 });
 
-/** N tables with a bigserial each, created in batches (one statement per table is slow). */
+/** N tables with a bigserial each, created by one DO block that commits every 500. */
 function schemaWith(n: number): string {
   return `${LEDGER_DDL}
 do $$
 begin
   for i in 1..${n} loop
     execute format('create table if not exists public.t%s (id bigserial primary key, v text)', i);
+    if i % 500 = 0 then
+      commit; -- keeps the locks of one transaction within the default lock table
+    end if;
   end loop;
 end
 $$;`;
@@ -89,6 +93,18 @@ for (const size of SIZES) {
           { max: 1 },
         );
         lost += (await run.writers.missingOn(site)).length;
+        if (Deno.env.get("BENCH_TIMELINE")) {
+          // Where the gap goes: each step's end relative to the last commit before the gap.
+          const at = await site`
+            select step, outcome, extract(epoch from at) * 1000 as ms from ha.operation_steps
+            where operation_id = ${run.result.operation_id} order by id`;
+          const t0 = run.stats.maxGapAt;
+          console.error(
+            "    " + at.map((r) => `${r.step}:${r.outcome} ${Math.round(Number(r.ms) - t0)}`)
+              .join(", "),
+          );
+          console.error(`    writer errors ${JSON.stringify(run.stats.errors)}`);
+        }
         await site.end();
         gaps.push(run.stats.maxGapMs);
         for (const s of run.result.steps ?? []) {
@@ -96,7 +112,10 @@ for (const size of SIZES) {
           steps.set(s.step, [...(steps.get(s.step) ?? []), Number(s.details.ms ?? 0)]);
         }
         primary = target;
-        console.error(`  #${i + 1}: write gap ${run.stats.maxGapMs} ms`);
+        const paused = (run.result.steps ?? []).filter((s) =>
+          s.outcome === "done" && PAUSED.includes(s.step)
+        ).map((s) => `${s.step} ${s.details.ms ?? "?"}`).join(", ");
+        console.error(`  #${i + 1}: write gap ${run.stats.maxGapMs} ms (${paused})`);
       }
       rows.push([
         size + 2, // the ledger and accounts tables of LEDGER_DDL besides the extra ones

@@ -4,10 +4,11 @@
  * planned switchover, its undo (run newest first when a later step fails before the repoint).
  * The order of the arrays is the order of the operation.
  *
- *   planned / failback: seq_prebump → wait_lag → pause → freeze → marker → wait_marker → seq_sync
- *     → detach → reverse → repoint → verify_routing → epoch → resume → postcheck
+ *   planned / failback: seq_prebump → reverse_prepare → wait_lag → pause → freeze → marker
+ *     → wait_marker → seq_sync → detach → reverse → repoint → verify_routing → epoch → resume
+ *     → seq_verify → postcheck
  *   emergency: pause → lease_wait → rpo → detach → seq_sync → repoint → verify_routing → epoch
- *     → resume → postcheck
+ *     → resume → seq_verify → postcheck
  */
 import type { Sql } from "../db/mod.ts";
 import { sleep, withDeadline } from "./deadline.ts";
@@ -32,6 +33,14 @@ import {
   subscriptionStatus,
 } from "./replication.ts";
 import type { Router } from "./routers.ts";
+import {
+  explicitIdSequences,
+  floorOf,
+  raiseSequences,
+  readNamedSequences,
+  readSequences,
+  sequenceKey,
+} from "./sequences.ts";
 import type { HaRuntime } from "./runtime.ts";
 import { siteUrl, storedScope, withWritableSession } from "./setup.ts";
 import type { SiteName } from "./sites.ts";
@@ -61,6 +70,9 @@ export interface StepDef {
   /** Planned only, before the repoint: undoes whatever the step may have done. Idempotent. */
   undo?: (c: StepContext, failedHere: boolean) => Promise<string | void>;
 }
+
+/** More sequences than this fed explicit ids: the pause re-reads every column instead. */
+const EXPLICIT_NOTED = 1000;
 
 export class StepFailed extends Error {
   constructor(readonly step: string, message: string) {
@@ -127,39 +139,6 @@ async function dropSubscription(c: StepContext, sql: Sql, publisher: SiteName | 
   if (publisher && sub.slotName) await dropSlot(c.rt.sites.get(publisher).ops, sub.slotName);
 }
 
-interface SequenceRow {
-  schema: string;
-  name: string;
-  last: number;
-  max: number;
-}
-
-async function sequenceState(sql: Sql, schemas: string[], columnMax: boolean) {
-  const rows = await sql`select * from ha.sequence_state(${schemas}::text[], ${columnMax})`;
-  return new Map<string, SequenceRow>(rows.map((r) => [
-    `${r.schemaname}\u0000${r.sequencename}`,
-    {
-      schema: r.schemaname,
-      name: r.sequencename,
-      last: r.last_value === null ? 0 : Number(r.last_value),
-      max: r.column_max === null ? 0 : Number(r.column_max),
-    },
-  ]));
-}
-
-/** Raises the target's sequences to the given values in one statement; returns how many moved. */
-async function raiseSequences(sql: Sql, want: SequenceRow[], value: (s: SequenceRow) => number) {
-  if (want.length === 0) return 0;
-  const [{ n }] = await sql.begin(
-    "read write",
-    (tx) =>
-      tx`select ha.raise_sequences(${want.map((s) => s.schema)}::text[], ${
-        want.map((s) => s.name)
-      }::text[], ${want.map(value)}::bigint[]) as n`,
-  );
-  return Number(n);
-}
-
 /** The control rows must still say what an operation at this point expects. */
 function expectRoles(roles: { source?: string[]; target?: string[] }, maxEpoch: "from" | "to") {
   return async (c: StepContext): Promise<void> => {
@@ -200,17 +179,66 @@ function expectRoles(roles: { source?: string[]; target?: string[] }, maxEpoch: 
 const seqPrebump: StepDef = {
   name: "seq_prebump",
   guard: expectRoles({ source: ["primary"], target: ["standby"] }, "from"),
-  // Outside the pause: every target sequence at least the source's value (or its column's
-  // largest value) plus a wide margin, so the exact sync in the pause has little left to do.
+  // Outside the pause: every target sequence above the source's value and its column's largest
+  // value, plus a wide margin, so the exact sync in the pause has little left to do. Sequences
+  // whose column holds values above them (explicit ids) are noted: the pause re-reads their columns.
   act: async (c) => {
-    const src = await sequenceState(c.src, c.limits.sequenceSchemas, true);
-    const rows = [...src.values()];
-    const moved = await raiseSequences(
-      c.tgt,
-      rows,
-      (s) => Math.max(s.last, s.max) + c.limits.prebumpMargin,
+    const src = await readSequences(c.src, c.limits.sequenceSchemas, true);
+    const floors = src.flatMap((s) => {
+      const floor = floorOf(s);
+      return floor === null ? [] : [{ ...s, floor }];
+    });
+    const raised = await raiseSequences(c.tgt, floors, c.limits.prebumpMargin);
+    const explicit = explicitIdSequences(src);
+    await c.data({
+      explicit_id_sequences: explicit.length > EXPLICIT_NOTED
+        ? "all"
+        : explicit.map((s) => [s.schema, s.name]),
+    });
+    return {
+      sequences: src.length,
+      raised,
+      margin: c.limits.prebumpMargin,
+      explicit_ids: explicit.length,
+    };
+  },
+};
+
+/**
+ * Outside the pause: the reverse publication on the target and, on the source, its subscription,
+ * created disabled and without a slot (it reads the publication's tables now, which takes time
+ * with many tables). The slot is created in the pause, after the forward subscription is gone, so
+ * it holds the target's own changes only; until then nothing flows. A disabled one left by an
+ * earlier operation is made anew; an enabled one would be replication into the primary: refused.
+ */
+const reversePrepare: StepDef = {
+  name: "reverse_prepare",
+  guard: expectRoles({ source: ["primary"], target: ["standby"] }, "from"),
+  act: async (c) => {
+    const tables = await scopeTables(c.tgt, await storedScope(c.tgt));
+    await ensurePublication(c.tgt, tables);
+    const sub = await subscriptionStatus(c.src);
+    if (sub.exists && sub.enabled) {
+      throw new StepFailed(
+        "reverse_prepare",
+        `site ${c.op.source} (the primary) has an enabled subscription: replication into the primary is not expected`,
+      );
+    }
+    if (sub.exists) await dropSubscription(c, c.src, c.op.target);
+    await withWritableSession(
+      c.src,
+      (s) =>
+        ensureSubscription(s, siteUrl(c.rt, c.op.target), {
+          copyData: false,
+          createSlot: false,
+          enabled: false,
+        }),
     );
-    return { sequences: rows.length, raised: moved, margin: c.limits.prebumpMargin };
+    return { publisher: c.op.target, subscriber: c.op.source, tables: tables.length };
+  },
+  undo: async (c) => {
+    await dropSubscription(c, c.src, c.op.target);
+    return "reverse subscription dropped";
   },
 };
 
@@ -324,27 +352,79 @@ const waitMarker: StepDef = {
 };
 
 /**
- * In the pause: every target sequence above max(source, target) + margin. One read per site and
- * one set-based raise; the column maxima were folded into the prebump (outside the pause) and the
- * target's own are read here, after the marker, so rows with explicit ids count.
+ * In the pause: every target sequence above the source's last value (a read of the sequences
+ * only) and, for the sequences noted as fed explicit ids, above their column's maximum on the
+ * target (the marker has arrived, so those rows have). An emergency has no source to read: every
+ * target sequence goes above its column's maximum plus a wide margin (rows lost with the old
+ * primary may have used the values in between).
  */
 const seqSync: StepDef = {
   name: "seq_sync",
   act: async (c) => {
-    const emergency = c.op.kind === "emergency";
-    const margin = emergency ? c.limits.emergencySequenceMargin : c.limits.sequenceMargin;
-    const [tgt, src] = await Promise.all([
-      sequenceState(c.tgt, c.limits.sequenceSchemas, true),
-      emergency
-        ? Promise.resolve(new Map<string, SequenceRow>())
-        : sequenceState(c.src, c.limits.sequenceSchemas, false),
+    const schemas = c.limits.sequenceSchemas;
+    if (c.op.kind === "emergency") {
+      const tgt = await readSequences(c.tgt, schemas, true);
+      const floors = tgt.flatMap((t) => {
+        const floor = floorOf(t);
+        return floor === null ? [] : [{ ...t, floor: floor + 1n }];
+      });
+      const margin = c.limits.emergencySequenceMargin;
+      return { sequences: tgt.length, raised: await raiseSequences(c.tgt, floors, margin), margin };
+    }
+    const noted = c.op.data.explicit_id_sequences;
+    const [src, explicit] = await Promise.all([
+      readSequences(c.src, schemas, false),
+      Array.isArray(noted)
+        ? readNamedSequences(
+          c.tgt,
+          (noted as [string, string][]).map(([schema, name]) => ({ schema, name })),
+          true,
+        )
+        : readSequences(c.tgt, schemas, true), // "all", or an operation without the note
     ]);
-    const rows = [...tgt.values()];
-    const value = (t: SequenceRow) => {
-      const s = src.get(`${t.schema}\u0000${t.name}`);
-      return Math.max(t.last, t.max, s?.last ?? 0, s?.max ?? 0) + margin;
+    const onTarget = new Map(explicit.map((t) => [sequenceKey(t), t]));
+    const floors = src.flatMap((s) => {
+      const t = onTarget.get(sequenceKey(s));
+      const floor = floorOf(s, t && { ...t, last: null });
+      return floor === null ? [] : [{ ...s, floor }];
+    });
+    const margin = c.limits.sequenceMargin;
+    return {
+      sequences: src.length,
+      columns_read: explicit.length,
+      raised: await raiseSequences(c.tgt, floors, margin),
+      margin,
     };
-    return { sequences: rows.length, raised: await raiseSequences(c.tgt, rows, value), margin };
+  },
+};
+
+/**
+ * After the resume, on the new primary: every sequence above its column's largest value. This
+ * catches explicit ids written, between the prebump and the freeze, into a table that had none
+ * above its sequence; until it has run, an insert that takes such a value fails with a duplicate
+ * key (nothing is lost). Reports what it had to raise.
+ */
+const seqVerify: StepDef = {
+  name: "seq_verify",
+  act: async (c) => {
+    const tgt = await readSequences(c.tgt, c.limits.sequenceSchemas, true);
+    const behind = tgt.filter((t) => t.max !== null && (t.last === null || t.last < t.max));
+    const raised = await raiseSequences(
+      c.tgt,
+      behind.map((t) => ({ ...t, floor: t.max! })),
+      c.limits.sequenceMargin,
+    );
+    return {
+      sequences: tgt.length,
+      raised,
+      ...(raised
+        ? {
+          warning: `${raised} sequence(s) were below their column's largest value: ${
+            behind.slice(0, 5).map((t) => `${t.schema}.${t.name}`).join(", ")
+          }`,
+        }
+        : {}),
+    };
   },
 };
 
@@ -365,16 +445,36 @@ const detach: StepDef = {
   },
 };
 
+/**
+ * In the pause, after the detach: the reverse slot on the target (so it streams the target's own
+ * changes from here on, and none the forward subscription applied), then the source's prepared
+ * subscription is enabled. Without a prepared one (an operation from before reverse_prepare
+ * existed) it is created here as a whole.
+ */
 const reverse: StepDef = {
   name: "reverse",
   act: async (c) => {
-    const tables = await scopeTables(c.tgt, await storedScope(c.tgt));
-    await ensurePublication(c.tgt, tables);
-    await withWritableSession(
-      c.src,
-      (s) => ensureSubscription(s, siteUrl(c.rt, c.op.target), { copyData: false }),
-    );
-    return { publisher: c.op.target, subscriber: c.op.source };
+    const sub = await subscriptionStatus(c.src);
+    if (!sub.exists) {
+      const tables = await scopeTables(c.tgt, await storedScope(c.tgt));
+      await ensurePublication(c.tgt, tables);
+      await withWritableSession(
+        c.src,
+        (s) => ensureSubscription(s, siteUrl(c.rt, c.op.target), { copyData: false }),
+      );
+      return { publisher: c.op.target, subscriber: c.op.source, prepared: false };
+    }
+    const slot = sub.slotName ?? SUBSCRIPTION;
+    if (!(await slotStatus(c.tgt, slot)).exists) {
+      await c.tgt`select pg_create_logical_replication_slot(${slot}, 'pgoutput')`;
+    }
+    if (!sub.enabled) {
+      await withWritableSession(
+        c.src,
+        (s) => s.unsafe(`alter subscription "${SUBSCRIPTION}" enable`),
+      );
+    }
+    return { publisher: c.op.target, subscriber: c.op.source, prepared: true };
   },
   undo: async (c) => {
     await dropSubscription(c, c.src, c.op.target);
@@ -616,6 +716,7 @@ const rpo: StepDef = {
 
 export const PLANNED: readonly StepDef[] = [
   seqPrebump,
+  reversePrepare,
   waitLag,
   pausePlanned,
   freeze,
@@ -628,6 +729,7 @@ export const PLANNED: readonly StepDef[] = [
   verifyRouting,
   epochPlanned,
   resume,
+  seqVerify,
   postcheck,
 ];
 
@@ -641,6 +743,7 @@ export const EMERGENCY: readonly StepDef[] = [
   verifyRouting,
   epochEmergency,
   resume,
+  seqVerify,
   postcheck,
 ];
 

@@ -323,7 +323,15 @@ export function conninfo(url: string): string {
 export async function ensureSubscription(
   sql: Sql,
   publisherUrl: string,
-  options: { copyData: boolean; name?: string; publication?: string; createSlot?: boolean },
+  options: {
+    copyData: boolean;
+    name?: string;
+    publication?: string;
+    /** false: the slot must exist (or be created) on the publisher before it is enabled */
+    createSlot?: boolean;
+    /** false: created disabled, to be enabled later */
+    enabled?: boolean;
+  },
 ): Promise<void> {
   const name = options.name ?? SUBSCRIPTION;
   const existing = await sql`select 1 from pg_subscription where subname = ${name}`;
@@ -335,7 +343,7 @@ export async function ensureSubscription(
     }" ` +
       `with (copy_data = ${options.copyData}, create_slot = ${
         options.createSlot ?? true
-      }, slot_name = ${lit(name)}, ` +
+      }, slot_name = ${lit(name)}, enabled = ${options.enabled ?? true}, ` +
       `synchronous_commit = 'off', disable_on_error = false)`,
   );
 }

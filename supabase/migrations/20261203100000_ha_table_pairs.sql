@@ -3,14 +3,17 @@
 -- The first HA migration passed tables as 'schema.table' strings and split them on the first
 -- dot, so a table named "a.b" (legal in PostgreSQL) broke the fingerprint, the checksums and
 -- setup. These replacements take two parallel arrays, p_schemas[i] and p_names[i], and never
--- parse a name. They also make the per-sequence work of a switchover set-based: one statement
--- reads every sequence (pg_sequences) and one raises the ones that are behind, instead of one
--- round trip per sequence inside the write pause (measured: 423 ms for 1,001 sequences).
+-- parse a name. They also make the per-sequence work of a switchover set-based: a statement
+-- reads a page of 1,000 sequences and one raises the ones of a page that are behind, instead of
+-- one round trip per sequence inside the write pause (measured: 423 ms for 1,001 sequences).
 
 drop function if exists ha.schema_fingerprint(text[]);
 drop function if exists ha.table_checksums(text[], int);
 drop function if exists ha.raise_sequence(text, bigint);
 drop function if exists ha.sequence_state(text[]);
+-- earlier drafts of this migration's own functions
+drop function if exists ha.sequence_state(text[], boolean);
+drop function if exists ha.raise_sequences(text[], text[], bigint[]);
 
 -- A fingerprint of the tables' shape (columns, types, nullability, primary keys): equal on both
 -- sites means no DDL drift that would break apply or a failover. `detail` is a JSON array of
@@ -99,12 +102,22 @@ as $$
   order by 1, 2;
 $$;
 
--- Every sequence in the given schemas with its last value, read in one statement. With
--- p_column_max, also the largest value of the column that owns it (serial and identity
--- columns), so a new primary can be set above rows inserted with explicit ids; that part reads
--- each owning table once (an index lookup when the column is a key).
-create or replace function ha.sequence_state(p_schemas text[] default '{public}', p_column_max boolean default true)
-returns table (schemaname text, sequencename text, last_value bigint, column_max bigint)
+-- One page of the sequences in p_schemas (keyset order: after (p_after_schema, p_after_name), at
+-- most p_limit), or only the pairs p_only_schemas/p_only_names, with each one's last value (null
+-- when never used or not readable) and increment. With p_column_max, also the largest value of
+-- the column that owns it (serial and identity columns), so a new primary can be set above rows
+-- inserted with explicit ids; that reads each owning table once (an index lookup when the column
+-- is a key). Pages keep one statement's locks (a sequence each, and a table and index each for
+-- the column maximum) well inside the lock table of a small instance.
+create or replace function ha.sequence_state(
+  p_schemas text[],
+  p_column_max boolean,
+  p_after_schema text default '',
+  p_after_name text default '',
+  p_limit int default 1000,
+  p_only_schemas text[] default null,
+  p_only_names text[] default null)
+returns table (schemaname text, sequencename text, last_value bigint, increment bigint, column_max bigint)
 language plpgsql
 stable
 security invoker
@@ -114,28 +127,42 @@ declare
   r record;
 begin
   for r in
-    select ps.schemaname::text as s, ps.sequencename::text as q, ps.last_value as lv,
-           tn.nspname::text as ts, tc.relname::text as tt, a.attname::text as col
-    from pg_catalog.pg_sequences ps
-    join pg_catalog.pg_namespace n on n.nspname = ps.schemaname
-    join pg_catalog.pg_class s on s.relnamespace = n.oid and s.relname = ps.sequencename
-    left join pg_catalog.pg_depend d on d.objid = s.oid and d.classid = 'pg_catalog.pg_class'::regclass
-         and d.refclassid = 'pg_catalog.pg_class'::regclass and d.deptype in ('a', 'i')
-    left join pg_catalog.pg_attribute a on a.attrelid = d.refobjid and a.attnum = d.refobjsubid
-    left join pg_catalog.pg_class tc on tc.oid = d.refobjid
-    left join pg_catalog.pg_namespace tn on tn.oid = tc.relnamespace
-    where ps.schemaname = any(p_schemas)
-    order by 1, 2
+    select n.nspname::text as s, c.relname::text as q, q.seqincrement as inc,
+           case when pg_catalog.has_sequence_privilege(c.oid, 'SELECT,USAGE')
+                then pg_catalog.pg_sequence_last_value(c.oid) end as lv,
+           o.ts, o.tt, o.col
+    from pg_catalog.pg_class c
+    join pg_catalog.pg_namespace n on n.oid = c.relnamespace
+    join pg_catalog.pg_sequence q on q.seqrelid = c.oid
+    left join lateral (
+      select tn.nspname::text as ts, tc.relname::text as tt, a.attname::text as col
+      from pg_catalog.pg_depend d
+      join pg_catalog.pg_class tc on tc.oid = d.refobjid
+      join pg_catalog.pg_namespace tn on tn.oid = tc.relnamespace
+      join pg_catalog.pg_attribute a on a.attrelid = d.refobjid and a.attnum = d.refobjsubid
+      where d.classid = 'pg_catalog.pg_class'::regclass and d.objid = c.oid
+        and d.refclassid = 'pg_catalog.pg_class'::regclass and d.deptype in ('a', 'i')
+      limit 1) o on true
+    where c.relkind = 'S'
+      and case when p_only_names is null
+               then n.nspname = any(p_schemas)
+                    and (n.nspname, c.relname) > (p_after_schema::name, p_after_name::name)
+               else (n.nspname::text, c.relname::text) in (
+                      select w.s, w.n from unnest(p_only_schemas, p_only_names) as w(s, n))
+          end
+    order by n.nspname, c.relname
+    limit case when p_only_names is null then p_limit end
   loop
     schemaname := r.s;
     sequencename := r.q;
     last_value := r.lv;
+    increment := r.inc;
     column_max := null;
     if p_column_max and r.tt is not null then
       begin
         execute format('select max(%I)::bigint from %I.%I', r.col, r.ts, r.tt) into column_max;
       exception when others then
-        column_max := null;
+        column_max := null; -- not an integer column, or not readable by this role
       end;
     end if;
     return next;
@@ -143,25 +170,29 @@ begin
 end;
 $$;
 
--- Raises each named sequence to at least its value (never lowers one), in one statement; returns
--- how many it moved. Sequences that no longer exist are skipped.
-create or replace function ha.raise_sequences(p_schemas text[], p_names text[], p_values bigint[])
+-- Raises each named ascending sequence whose next value would not be above its floor (the largest
+-- value already used) to floor + p_margin, capped at its maximum; never lowers one. Returns how
+-- many it moved. Sequences that no longer exist, and descending ones, are skipped.
+create or replace function ha.raise_sequences(p_schemas text[], p_names text[], p_floors bigint[], p_margin bigint)
 returns int
 language sql
 volatile
 security invoker
 set search_path = ''
 as $$
-  select count(pg_catalog.setval(c.oid::regclass, w.v, true))::int
-  from unnest(p_schemas, p_names, p_values) as w(s, n, v)
+  select count(pg_catalog.setval(c.oid::regclass,
+                                 case when w.f > q.seqmax - p_margin then q.seqmax else w.f + p_margin end,
+                                 true))::int
+  from unnest(p_schemas, p_names, p_floors) as w(s, n, f)
   join pg_catalog.pg_namespace ns on ns.nspname = w.s
   join pg_catalog.pg_class c on c.relnamespace = ns.oid and c.relname = w.n and c.relkind = 'S'
-  join pg_catalog.pg_sequences ps on ps.schemaname = w.s and ps.sequencename = w.n
-  where ps.last_value is null or ps.last_value < w.v;
+  join pg_catalog.pg_sequence q on q.seqrelid = c.oid
+  where w.f is not null and q.seqincrement > 0
+    and coalesce(pg_catalog.pg_sequence_last_value(c.oid), q.seqstart - 1) < w.f;
 $$;
 
 revoke all on function ha.schema_fingerprint(text[], text[]) from public;
 revoke all on function ha.table_checksums(text[], text[], int) from public;
 revoke all on function ha.missing_tables(text[], text[]) from public;
-revoke all on function ha.sequence_state(text[], boolean) from public;
-revoke all on function ha.raise_sequences(text[], text[], bigint[]) from public;
+revoke all on function ha.sequence_state(text[], boolean, text, text, int, text[], text[]) from public;
+revoke all on function ha.raise_sequences(text[], text[], bigint[], bigint) from public;

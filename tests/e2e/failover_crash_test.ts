@@ -157,7 +157,15 @@ Deno.test("failover resumes after a crash at every step boundary; rollback and f
               assert.match(String(op.error), /marker to arrive/);
               const undone = (op.steps ?? []).find((s) => s.outcome === "rolled_back")!.details
                 .undone as string[];
-              assert.deepEqual(undone, ["source unfrozen", "PgBouncer resumed"]);
+              assert.deepEqual(undone, [
+                "source unfrozen",
+                "PgBouncer resumed",
+                "reverse subscription dropped",
+              ]);
+              const src = primary === "primary" ? stack.primary! : stack.standby!;
+              const [{ n }] = await src.sql("supabase_admin", { max: 1 })`
+                select count(*)::int as n from pg_subscription`;
+              assert.equal(n, 0, "the prepared reverse subscription is gone from the primary");
             },
           );
           await lock`rollback`;

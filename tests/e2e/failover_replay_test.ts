@@ -266,5 +266,46 @@ Deno.test("replay safety: resumes re-check the world, abandon, epochs only move 
         );
       },
     );
+
+    await stack.step(
+      t,
+      "an explicit id written after the sequences were read, into a table that had none above its sequence, is caught after the resume",
+      async () => {
+        const from = (await f.get("/active")).body.primary as "primary" | "standby";
+        const to = from === "primary" ? "standby" : "primary";
+        const [{ id: top }] = await sqlOn(stack, from, "select max(id) as id from public.ledger");
+        const explicitId = Number(top) + 5_000_000;
+        const op = await withDriver(stack, {
+          // After seq_prebump and reverse_prepare, before the pause: the write replicates, and
+          // the pause's sync reads only the sequences noted as fed explicit ids (none).
+          beforeStep: async (step) => {
+            if (step !== "wait_lag") return;
+            await sqlOn(
+              stack,
+              from,
+              `insert into public.ledger (id, writer, n) values (${explicitId}, 990, 1)`,
+            );
+          },
+        }, async (base) => {
+          const r = await post(base, stack.tokens.failover, "/", { mode: "planned" });
+          assert.equal(r.status, 202, JSON.stringify(r.body));
+          return await waitOperation(base, stack.tokens.failover, r.body.operation_id);
+        });
+        assert.equal(op.state, "succeeded", `${op.step}: ${op.error}`);
+        const step = (name: string) =>
+          (op.steps ?? []).find((s) => s.step === name && s.outcome === "done")!.details;
+        const noted = op.data.explicit_id_sequences as [string, string][];
+        assert.ok(!noted.some(([, n]) => n === "ledger_id_seq"), "ledger was not noted");
+        assert.equal(step("seq_sync").columns_read, noted.length);
+        assert.ok(Number(step("seq_verify").raised) >= 1, JSON.stringify(step("seq_verify")));
+        assert.match(String(step("seq_verify").warning), /public\.ledger_id_seq/);
+        const [row] = await sqlOn(
+          stack,
+          to,
+          "insert into public.ledger (writer, n) values (991, 1) returning id",
+        );
+        assert.ok(Number(row.id) > explicitId, `the next id ${row.id} is above ${explicitId}`);
+      },
+    );
   });
 });

@@ -272,6 +272,8 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
         const done = (op.steps ?? []).filter((s) => s.outcome === "done").map((s) => s.step);
         for (
           const s of [
+            "seq_prebump",
+            "reverse_prepare",
             "freeze",
             "marker",
             "wait_marker",
@@ -281,6 +283,8 @@ Deno.test("failover: guardrails, zero-loss switchover and failback under writers
             "repoint",
             "epoch",
             "resume",
+            "seq_verify",
+            "postcheck",
           ]
         ) {
           assert.ok(done.includes(s), `step ${s} not done`);
