@@ -104,6 +104,10 @@ for (const size of SIZES) {
               .join(", "),
           );
           console.error(`    writer errors ${JSON.stringify(run.stats.errors)}`);
+          const sync = (run.result.steps ?? []).find((s) =>
+            s.step === "seq_sync" && s.outcome === "done"
+          );
+          console.error(`    seq_sync ${JSON.stringify(sync?.details ?? {})}`);
         }
         await site.end();
         gaps.push(run.stats.maxGapMs);

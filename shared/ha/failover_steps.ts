@@ -40,10 +40,12 @@ import {
   readNamedSequences,
   readSequences,
   sequenceKey,
+  unraisable,
+  warmSequences,
 } from "./sequences.ts";
 import type { HaRuntime } from "./runtime.ts";
 import { siteUrl, storedScope, withWritableSession } from "./setup.ts";
-import type { SiteName } from "./sites.ts";
+import { OPS_CONNECTIONS, type SiteName } from "./sites.ts";
 import { readControlState } from "./state.ts";
 
 export type Details = Record<string, unknown>;
@@ -176,6 +178,17 @@ function expectRoles(roles: { source?: string[]; target?: string[] }, maxEpoch: 
 
 // --- the steps -------------------------------------------------------------------------------
 
+/** The schemas whose sequences a switchover moves: the configured ones and the scope's. */
+async function sequenceSchemas(c: StepContext): Promise<string[]> {
+  const scope = await storedScope(c.tgt);
+  return [...new Set([...c.limits.sequenceSchemas, ...scope.schemas])];
+}
+
+const unraisableWarning = (names: string[]) =>
+  `${names.length} sequence(s) could not be placed above the values in use (descending, or at their maximum): ${
+    names.slice(0, 10).join(", ")
+  }`;
+
 const seqPrebump: StepDef = {
   name: "seq_prebump",
   guard: expectRoles({ source: ["primary"], target: ["standby"] }, "from"),
@@ -183,12 +196,20 @@ const seqPrebump: StepDef = {
   // value, plus a wide margin, so the exact sync in the pause has little left to do. Sequences
   // whose column holds values above them (explicit ids) are noted: the pause re-reads their columns.
   act: async (c) => {
-    const src = await readSequences(c.src, c.limits.sequenceSchemas, true);
+    const schemas = await sequenceSchemas(c);
+    const src = await readSequences(c.src, schemas, true);
+    const blocked = unraisable(src);
+    if (blocked.length) {
+      // Before the pause: refused, and rolled back, rather than ids handed out twice later.
+      throw new StepFailed("seq_prebump", unraisableWarning(blocked));
+    }
     const floors = src.flatMap((s) => {
       const floor = floorOf(s);
       return floor === null ? [] : [{ ...s, floor }];
     });
     const raised = await raiseSequences(c.tgt, floors, c.limits.prebumpMargin);
+    // The pause reads the source's sequences and raises the target's: on warm backends.
+    await Promise.all([c.src, c.tgt].map((sql) => warmSequences(sql, schemas, OPS_CONNECTIONS)));
     const explicit = explicitIdSequences(src);
     await c.data({
       explicit_id_sequences: explicit.length > EXPLICIT_NOTED
@@ -225,6 +246,16 @@ const reversePrepare: StepDef = {
       );
     }
     if (sub.exists) await dropSubscription(c, c.src, c.op.target);
+    // A slot of that name left on the target by an earlier operation would stream from its old
+    // point: dropped here, outside the pause (an active one is some other consumer: refused).
+    const stale = await slotStatus(c.tgt, SUBSCRIPTION);
+    if (stale.exists && stale.active) {
+      throw new StepFailed(
+        "reverse_prepare",
+        `site ${c.op.target} has an active replication slot ${SUBSCRIPTION}: something already streams from it`,
+      );
+    }
+    if (stale.exists) await dropSlot(c.tgt, SUBSCRIPTION);
     await withWritableSession(
       c.src,
       (s) =>
@@ -361,7 +392,7 @@ const waitMarker: StepDef = {
 const seqSync: StepDef = {
   name: "seq_sync",
   act: async (c) => {
-    const schemas = c.limits.sequenceSchemas;
+    const schemas = await sequenceSchemas(c);
     if (c.op.kind === "emergency") {
       const tgt = await readSequences(c.tgt, schemas, true);
       const floors = tgt.flatMap((t) => {
@@ -369,9 +400,16 @@ const seqSync: StepDef = {
         return floor === null ? [] : [{ ...t, floor: floor + 1n }];
       });
       const margin = c.limits.emergencySequenceMargin;
-      return { sequences: tgt.length, raised: await raiseSequences(c.tgt, floors, margin), margin };
+      const blocked = unraisable(tgt);
+      return {
+        sequences: tgt.length,
+        raised: await raiseSequences(c.tgt, floors, margin),
+        margin,
+        ...(blocked.length ? { warning: unraisableWarning(blocked) } : {}),
+      };
     }
     const noted = c.op.data.explicit_id_sequences;
+    const t0 = performance.now();
     const [src, explicit] = await Promise.all([
       readSequences(c.src, schemas, false),
       Array.isArray(noted)
@@ -389,11 +427,15 @@ const seqSync: StepDef = {
       return floor === null ? [] : [{ ...s, floor }];
     });
     const margin = c.limits.sequenceMargin;
+    const t1 = performance.now();
+    const raised = await raiseSequences(c.tgt, floors, margin);
     return {
       sequences: src.length,
       columns_read: explicit.length,
-      raised: await raiseSequences(c.tgt, floors, margin),
+      raised,
       margin,
+      read_ms: Math.round(t1 - t0),
+      raise_ms: Math.round(performance.now() - t1),
     };
   },
 };
@@ -406,25 +448,38 @@ const seqSync: StepDef = {
  */
 const seqVerify: StepDef = {
   name: "seq_verify",
+  // Best effort: the switchover is done and writes flow; a failure here (a lock, a column max
+  // without an index under the statement timeout) is reported, never an operation left open.
   act: async (c) => {
-    const tgt = await readSequences(c.tgt, c.limits.sequenceSchemas, true);
-    const behind = tgt.filter((t) => t.max !== null && (t.last === null || t.last < t.max));
-    const raised = await raiseSequences(
-      c.tgt,
-      behind.map((t) => ({ ...t, floor: t.max! })),
-      c.limits.sequenceMargin,
-    );
-    return {
-      sequences: tgt.length,
-      raised,
-      ...(raised
-        ? {
-          warning: `${raised} sequence(s) were below their column's largest value: ${
+    try {
+      const tgt = await readSequences(c.tgt, await sequenceSchemas(c), true);
+      const behind = tgt.filter((t) => t.max !== null && (t.last === null || t.last < t.max));
+      const raised = await raiseSequences(
+        c.tgt,
+        behind.map((t) => ({ ...t, floor: t.max! })),
+        c.limits.sequenceMargin,
+      );
+      const blocked = unraisable(tgt);
+      const warnings = [
+        raised
+          ? `${raised} sequence(s) were below their column's largest value: ${
             behind.slice(0, 5).map((t) => `${t.schema}.${t.name}`).join(", ")
-          }`,
-        }
-        : {}),
-    };
+          }`
+          : "",
+        blocked.length ? unraisableWarning(blocked) : "",
+      ].filter(Boolean);
+      return {
+        sequences: tgt.length,
+        raised,
+        ...(warnings.length ? { warning: warnings.join("; ") } : {}),
+      };
+    } catch (e) {
+      return {
+        warning: `sequences not verified after the resume (${
+          (e as Error).message
+        }): check them by hand, runbooks/failover.md "Sequences after a switchover"`,
+      };
+    }
   },
 };
 
@@ -465,10 +520,12 @@ const reverse: StepDef = {
       return { publisher: c.op.target, subscriber: c.op.source, prepared: false };
     }
     const slot = sub.slotName ?? SUBSCRIPTION;
-    if (!(await slotStatus(c.tgt, slot)).exists) {
-      await c.tgt`select pg_create_logical_replication_slot(${slot}, 'pgoutput')`;
-    }
     if (!sub.enabled) {
+      // A fresh slot, always: one that exists now was made before the detach (a leftover, or
+      // ours before a crash) and could stream back rows the forward subscription applied. The
+      // target is fenced until the epoch step, so a slot made now misses none of its writes.
+      if ((await slotStatus(c.tgt, slot)).exists) await dropSlot(c.tgt, slot);
+      await c.tgt`select pg_create_logical_replication_slot(${slot}, 'pgoutput')`;
       await withWritableSession(
         c.src,
         (s) => s.unsafe(`alter subscription "${SUBSCRIPTION}" enable`),

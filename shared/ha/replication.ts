@@ -203,6 +203,37 @@ export async function publicationExists(sql: Sql, publication = PUBLICATION): Pr
   return rows.length > 0;
 }
 
+/**
+ * Of `tables`, those not yet in the publication whose UPDATE and DELETE publishing would break:
+ * replica identity NOTHING, or the default identity with no primary key. PostgreSQL refuses an
+ * UPDATE or DELETE on such a table once it is published, so setup must not publish it.
+ */
+export async function unpublishableTables(
+  sql: Sql,
+  tables: TableRef[],
+  publication = PUBLICATION,
+): Promise<{ table: string; problem: string }[]> {
+  const [schemas, names] = pairs(tables);
+  const rows = await sql`
+    select n.nspname as schemaname, c.relname as tablename, c.relreplident as ident
+    from unnest(${schemas}::text[], ${names}::text[]) as t(schemaname, tablename)
+    join pg_catalog.pg_namespace n on n.nspname = t.schemaname
+    join pg_catalog.pg_class c on c.relnamespace = n.oid and c.relname = t.tablename
+    where (c.relreplident = 'n'
+           or (c.relreplident = 'd' and not exists (
+                 select 1 from pg_catalog.pg_index i where i.indrelid = c.oid and i.indisprimary)))
+      and not exists (
+        select 1 from pg_catalog.pg_publication_tables p
+        where p.pubname = ${publication} and p.schemaname = n.nspname and p.tablename = c.relname)
+    order by 1, 2`;
+  return rows.map((r) => ({
+    table: tableLabel({ schema: r.schemaname, name: r.tablename }),
+    problem: r.ident === "n"
+      ? "replica identity NOTHING: once published, its UPDATEs and DELETEs would be refused"
+      : "no primary key and default replica identity: once published, its UPDATEs and DELETEs would be refused",
+  }));
+}
+
 export async function replicaIdentityProblems(
   sql: Sql,
   publication = PUBLICATION,

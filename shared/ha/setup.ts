@@ -41,6 +41,7 @@ import {
   tableChecksums,
   tableLabel,
   type TableRef,
+  unpublishableTables,
 } from "./replication.ts";
 import { runningOperation } from "./operations.ts";
 import type { HaRuntime } from "./runtime.ts";
@@ -208,6 +209,15 @@ export async function setupReplication(
       "schema_mismatch",
       "The standby's schema does not match the primary's; apply the same migrations to both.",
       { missing_on_standby: report.missing_on_standby, schema_drift: drift },
+    );
+  }
+  const unpublishable = await unpublishableTables(pub, tables);
+  if (unpublishable.length) {
+    throw new HttpError(
+      412,
+      "replica_identity_missing",
+      "Publishing these tables would make PostgreSQL refuse their UPDATEs and DELETEs on the primary. Give each a primary key or `ALTER TABLE … REPLICA IDENTITY FULL`, or leave it out of the scope; nothing was changed.",
+      { tables: unpublishable },
     );
   }
   const leaseUrls = checkLeaseConfig(rt, lease);

@@ -40,6 +40,9 @@ interface SiteHandles {
   ops: ReturnType<typeof healingSql>;
 }
 
+/** Connections of a site's `ops` pool. */
+export const OPS_CONNECTIONS = 2;
+
 export class Sites {
   readonly #urls: Record<SiteName, string>;
   readonly #handles = new Map<SiteName, SiteHandles>();
@@ -68,7 +71,7 @@ export class Sites {
         }),
         ops: healingSql(() => url, {
           applicationName: `${this.#app}-ops`,
-          max: 2,
+          max: OPS_CONNECTIONS,
           connectTimeout: 5,
           idleTimeout: 60,
           statementTimeoutMs: 30_000,

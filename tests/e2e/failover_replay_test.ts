@@ -307,5 +307,32 @@ Deno.test("replay safety: resumes re-check the world, abandon, epochs only move 
         assert.ok(Number(row.id) > explicitId, `the next id ${row.id} is above ${explicitId}`);
       },
     );
+
+    await stack.step(
+      t,
+      "a descending sequence in use refuses the switchover before the pause, naming it",
+      async () => {
+        const from = (await f.get("/active")).body.primary as "primary" | "standby";
+        await sqlOn(
+          stack,
+          from,
+          "create sequence public.countdown increment -1; grant select, usage on sequence public.countdown to postgres",
+        );
+        await sqlOn(stack, from, "select nextval('public.countdown')");
+        try {
+          const op = await withDriver(stack, {}, async (base) => {
+            const r = await post(base, stack.tokens.failover, "/", { mode: "planned" });
+            assert.equal(r.status, 202, JSON.stringify(r.body));
+            return await waitOperation(base, stack.tokens.failover, r.body.operation_id);
+          });
+          assert.equal(op.state, "rolled_back", `${op.step}: ${op.error}`);
+          assert.equal(op.step, "seq_prebump");
+          assert.match(String(op.error), /public\.countdown/);
+          assert.equal((await f.get("/active")).body.primary, from, "nothing moved");
+        } finally {
+          await sqlOn(stack, from, "drop sequence public.countdown");
+        }
+      },
+    );
   });
 });

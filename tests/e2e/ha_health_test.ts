@@ -188,10 +188,12 @@ Deno.test("health probes: healthy, faults, deadlines, auth and bad input", async
 
     await stack.step(
       t,
-      "the setup check reports a published table without replica identity",
+      "setup refuses to publish a table without replica identity, names it, and changes nothing",
       async () => {
         for (const c of [stack.primary!, stack.standby!]) {
-          await c.psql("create table public.no_pk (x int);", { role: "postgres" });
+          await c.psql("create table public.no_pk (x int); insert into public.no_pk values (1);", {
+            role: "postgres",
+          });
         }
         const res = await fetch(`${stack.functions!.url("failover")}/setup`, {
           method: "POST",
@@ -202,19 +204,20 @@ Deno.test("health probes: healthy, faults, deadlines, auth and bad input", async
           body: "{}",
         });
         const body = await res.json();
-        assert.equal(res.status, 200, JSON.stringify(body));
-        const problems = body.replica_identity_problems as { table: string; problem: string }[];
-        assert.deepEqual(
-          problems.map((p) => p.table),
-          ["public.no_pk"],
-        );
-        assert.match(problems[0].problem, /no primary key/);
-        await stack.primary!.psql("alter publication dr_publication drop table public.no_pk;");
-        // Setup refreshed the subscription, so the standby may still be copying the table: a
-        // DROP TABLE there is refused until the refresh takes it out of the subscription.
-        await stack.standby!.psql(
-          "alter subscription dr_subscription refresh publication with (copy_data = false);",
-        );
+        assert.equal(res.status, 412, JSON.stringify(body));
+        assert.equal(body.error, "replica_identity_missing");
+        const tables = body.details.tables as { table: string; problem: string }[];
+        assert.deepEqual(tables.map((p) => p.table), ["public.no_pk"]);
+        assert.match(tables[0].problem, /no primary key/);
+        // Nothing changed: not published, not guarded, and the application's UPDATE still works
+        // (a published table without replica identity would refuse it).
+        const [{ published, triggers }] = await primarySql`
+          select (select count(*) from pg_publication_tables where tablename = 'no_pk')::int
+                   as published,
+                 (select count(*) from pg_trigger where tgrelid = 'public.no_pk'::regclass)::int
+                   as triggers`;
+        assert.deepEqual({ published, triggers }, { published: 0, triggers: 0 });
+        await stack.primary!.psql("update public.no_pk set x = 2;", { role: "postgres" });
         for (const c of [stack.primary!, stack.standby!]) {
           await c.psql("drop table public.no_pk;", { role: "postgres" });
         }
