@@ -4,7 +4,7 @@
  * planned switchover, its undo (run newest first when a later step fails before the repoint).
  * The order of the arrays is the order of the operation.
  *
- *   planned / failback: seq_prebump → reverse_prepare → wait_lag → pause → freeze → marker
+ *   planned / failback: reverse_prepare → seq_prebump → wait_lag → pause → freeze → marker
  *     → wait_marker → seq_sync → detach → reverse → repoint → verify_routing → epoch → resume
  *     → seq_verify → postcheck
  *   emergency: pause → lease_wait → rpo → detach → seq_sync → repoint → verify_routing → epoch
@@ -208,7 +208,9 @@ const seqPrebump: StepDef = {
       return floor === null ? [] : [{ ...s, floor }];
     });
     const raised = await raiseSequences(c.tgt, floors, c.limits.prebumpMargin);
-    // The pause reads the source's sequences and raises the target's: on warm backends.
+    // The pause reads the source's sequences and raises the target's: on warm backends. Last
+    // before the pause: catalog churn (reverse_prepare's subscription adds a row per table)
+    // overflows PostgreSQL's invalidation queue and resets every backend's caches.
     await Promise.all([c.src, c.tgt].map((sql) => warmSequences(sql, schemas, OPS_CONNECTIONS)));
     const explicit = explicitIdSequences(src);
     await c.data({
@@ -772,8 +774,8 @@ const rpo: StepDef = {
 };
 
 export const PLANNED: readonly StepDef[] = [
-  seqPrebump,
   reversePrepare,
+  seqPrebump,
   waitLag,
   pausePlanned,
   freeze,

@@ -276,7 +276,7 @@ Deno.test("replay safety: resumes re-check the world, abandon, epochs only move 
         const [{ id: top }] = await sqlOn(stack, from, "select max(id) as id from public.ledger");
         const explicitId = Number(top) + 5_000_000;
         const op = await withDriver(stack, {
-          // After seq_prebump and reverse_prepare, before the pause: the write replicates, and
+          // After reverse_prepare and seq_prebump, before the pause: the write replicates, and
           // the pause's sync reads only the sequences noted as fed explicit ids (none).
           beforeStep: async (step) => {
             if (step !== "wait_lag") return;
