@@ -1,5 +1,6 @@
 /**
- * Health probes under monitor load: an open-loop load generator in a second process fires
+ * Health probes under monitor load: the health function in its own process (serve.ts), and an
+ * open-loop load generator in another process that fires
  * `BENCH_RATE` req/s (default 1000) for `BENCH_SECONDS` (default 20) alternately at
  * /health/primary and /health/standby of the real function, against a real primary/standby/
  * PgBouncer stack. Reports p50/p99/max latency, achieved req/s, errors, and the Postgres
@@ -21,7 +22,15 @@ await withStack(
   { name: "bench-health", ha: true, functions: { logSink: () => {} } },
   async (stack) => {
     await setupHa(stack);
-    const base = stack.functions!.url("health");
+    // The function under load runs in its own process (bench/health/serve.ts), with the same
+    // environment as the stack's.
+    const server = new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", `${REPO_ROOT}/bench/health/serve.ts`, JSON.stringify(stack.env())],
+      stdout: "piped",
+      stderr: "inherit",
+    }).spawn();
+    const origin = (await new Response(server.stdout).body!.getReader().read()).value;
+    const base = `${new TextDecoder().decode(origin).trim()}/functions/v1/health`;
     const counts = async () => {
       const out: number[] = [];
       for (const c of [stack.primary!, stack.standby!]) {
@@ -67,6 +76,8 @@ await withStack(
     const out = await child.output();
     clearInterval(sampler);
     const after = await counts();
+    server.kill();
+    await server.status;
     const r = JSON.parse(new TextDecoder().decode(out.stdout)) as {
       latencies: number[];
       statuses: Record<string, number>;

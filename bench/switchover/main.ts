@@ -194,7 +194,7 @@ await withStack(
       // The upstream's standby is an ordinary writable database (no guard, no read-only default):
       // lift ours for the comparison, as the upstream toolkit effectively runs.
       await stack.standby!.psql(
-        "alter database postgres reset default_transaction_read_only; select ha.lift_fence(epoch) from ha.state;",
+        "alter database postgres reset default_transaction_read_only; select ha.lift_fence(epoch, null, true) from ha.state;",
       );
       upstream.push(
         await underLoad(stack, () => siteSql("standby"), () => upstreamFailover(stack)),

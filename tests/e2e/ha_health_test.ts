@@ -7,7 +7,14 @@
 import assert from "node:assert/strict";
 import { PROBE_DEADLINE_MS } from "../../shared/ha/health.ts";
 import { type Answer, healthClient } from "../harness/ha_client.ts";
-import { serveFunctions, setupHa, type Stack, waitFor, withStack } from "../harness/mod.ts";
+import {
+  runCommand,
+  serveFunctions,
+  setupHa,
+  type Stack,
+  waitFor,
+  withStack,
+} from "../harness/mod.ts";
 
 const PROBES = ["/liveness", "/readiness", "/primary", "/standby", "/replication", "/pgbouncer"];
 /** A probe answers within its deadline plus request overhead, whatever its dependencies do. */
@@ -106,6 +113,32 @@ Deno.test("health probes: healthy, faults, deadlines, auth and bad input", async
             String((streams[0].slot as Record<string, unknown>).wal_status),
           ),
         );
+      },
+    );
+
+    await stack.step(
+      t,
+      "a monitor that accepts gzip and br gets the probe body uncompressed (no-transform)",
+      async () => {
+        for (const path of ["/primary", "/standby"]) {
+          // curl, not fetch: fetch decompresses and hides how the body was sent.
+          const r = await runCommand("curl", [
+            "-sS",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-H",
+            `authorization: Bearer ${stack.tokens.health}`,
+            "-H",
+            "accept-encoding: gzip, br",
+            `${h.base}${path}`,
+          ]);
+          const headers = r.stdout.toLowerCase();
+          assert.match(headers, /^http\/1\.1 200/, r.stdout);
+          assert.doesNotMatch(headers, /content-encoding:/, r.stdout);
+          assert.match(headers, /cache-control: no-store, no-transform/, r.stdout);
+        }
       },
     );
 
