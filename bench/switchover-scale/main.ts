@@ -18,23 +18,13 @@ import {
 } from "../../tests/harness/mod.ts";
 import { LEDGER_DDL } from "../../tests/harness/ha.ts";
 import { fmt, median, percentile, printTable } from "../lib/stats.ts";
+import { PLANNED } from "../../shared/ha/failover_steps.ts";
 
 const SIZES = (Deno.env.get("BENCH_TABLES") ?? "1,1000,10000").split(",").map(Number);
 const SWITCHOVERS = Number(Deno.env.get("BENCH_SWITCHOVERS") ?? 5);
-/** The steps between PAUSE and RESUME (the write gap). */
-const PAUSED = [
-  "pause",
-  "freeze",
-  "marker",
-  "wait_marker",
-  "seq_sync",
-  "detach",
-  "reverse",
-  "repoint",
-  "verify_routing",
-  "epoch",
-  "resume",
-];
+/** The steps between PAUSE and RESUME (the write gap), from the step table itself. */
+const NAMES = PLANNED.map((s) => s.name);
+const PAUSED = NAMES.slice(NAMES.indexOf("pause"), NAMES.indexOf("resume") + 1);
 
 globalThis.addEventListener("unhandledrejection", (e) => {
   e.preventDefault();
